@@ -1,0 +1,189 @@
+"""The one small async interface the gateway uses to talk to an engine.
+
+Like vLLM's ``EngineCoreClient``: the gateway calls :meth:`EngineClient.submit` and
+:meth:`EngineClient.abort`, and reads every :class:`~engine.api.EngineOutput` from the
+single async iterator :meth:`EngineClient.outputs`. Only the plain dataclasses of
+``engine.api`` cross it, so an implementation may run the engine in this process
+(:class:`InprocEngineClient`), in another one, or answer without a model at all
+(:class:`NullEngineClient`, for protocol tests and overhead benchmarks only).
+
+Contract, for every implementation:
+
+- each submitted ``request_id`` gets zero or more ``Progress`` items (only when it asked)
+  and then exactly one terminal ``UpscaleResult`` or ``EngineError``;
+- :meth:`abort` ends a request with ``EngineError(code=ABORTED)`` unless it already ended;
+- :meth:`submit` raises :class:`EngineOverloaded` when the queue is full and
+  :class:`EngineUnavailable` when the engine is not running; neither consumes the id;
+- nothing here blocks the event loop.
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Iterable
+
+from .api import EngineError, EngineOutput, ErrorCode, Progress, UpscaleRequest, UpscaleResult
+
+__all__ = [
+    "EngineClient",
+    "EngineOverloaded",
+    "EngineUnavailable",
+    "InprocEngineClient",
+    "NullEngineClient",
+]
+
+logger = logging.getLogger(__name__)
+
+
+class EngineOverloaded(Exception):
+    """The engine's queue is full; try again later (``rateLimitExceeded``)."""
+
+
+class EngineUnavailable(Exception):
+    """The engine is not running (not started, stopped, or its loop died)."""
+
+
+class EngineClient(abc.ABC):
+    """Async handle on an engine. Start it, submit requests, read :meth:`outputs`."""
+
+    @abc.abstractmethod
+    async def start(self) -> None:
+        """Load the model and start the engine; returns once it can take requests."""
+
+    @abc.abstractmethod
+    async def submit(self, request: UpscaleRequest) -> None:
+        """Queue ``request``. Its outputs arrive on :meth:`outputs`."""
+
+    @abc.abstractmethod
+    async def abort(self, request_ids: Iterable[str]) -> None:
+        """Cancel requests; each still unfinished ends with an ``ABORTED`` error."""
+
+    @abc.abstractmethod
+    def outputs(self) -> AsyncIterator[EngineOutput]:
+        """All outputs of all requests, in the order they happen. Iterate it once."""
+
+    @property
+    @abc.abstractmethod
+    def ready(self) -> bool:
+        """True while the engine takes and runs requests (``/readyz``)."""
+
+    @abc.abstractmethod
+    async def close(self) -> None:
+        """Stop the engine. Unfinished requests end with ``ABORTED`` errors."""
+
+
+class _QueueOutputs(EngineClient, abc.ABC):
+    """Shared plumbing: outputs go through one asyncio queue on the gateway's loop."""
+
+    def __init__(self) -> None:
+        self._outputs: asyncio.Queue[EngineOutput | None] = asyncio.Queue()
+
+    async def outputs(self) -> AsyncIterator[EngineOutput]:  # type: ignore[override]
+        while True:
+            item = await self._outputs.get()
+            if item is None:
+                return
+            yield item
+
+
+class NullEngineClient(_QueueOutputs):
+    """Answers every request at once without a model, by a plain 2x nearest resize.
+
+    For protocol-only tests and gateway-overhead benchmarks. Never the server's default.
+    """
+
+    def __init__(self, max_queue: int = 1_000_000) -> None:
+        super().__init__()
+        self._running = False
+        self._max_queue = max_queue
+        self._pending: set[str] = set()
+
+    async def start(self) -> None:
+        self._running = True
+
+    @property
+    def ready(self) -> bool:
+        return self._running
+
+    async def submit(self, request: UpscaleRequest) -> None:
+        if not self._running:
+            raise EngineUnavailable("engine is not running")
+        if len(self._pending) >= self._max_queue:
+            raise EngineOverloaded(f"engine queue is full ({self._max_queue} requests)")
+        self._pending.add(request.request_id)
+        self._finish(request)
+
+    def _finish(self, request: UpscaleRequest) -> None:
+        from . import codecs  # Pillow only; imported lazily to keep startup light
+
+        started = time.perf_counter()
+        self._pending.discard(request.request_id)
+        try:
+            decoded = codecs.decode_image(request.image)
+            upscaled = codecs.resize_nearest_2x(decoded)
+            data = codecs.encode_image(upscaled, request.output_format, request.output_quality)
+        except codecs.ImageError as exc:
+            self._outputs.put_nowait(EngineError(request.request_id, exc.code, str(exc)))
+            return
+        if request.want_progress:
+            self._outputs.put_nowait(Progress(request.request_id, request.steps, request.steps))
+        self._outputs.put_nowait(
+            UpscaleResult(
+                request_id=request.request_id,
+                image=data,
+                output_format=request.output_format,
+                width=upscaled.width,
+                height=upscaled.height,
+                seed=request.seed,
+                engine_seconds=time.perf_counter() - started,
+            )
+        )
+
+    async def abort(self, request_ids: Iterable[str]) -> None:
+        for request_id in request_ids:
+            if request_id in self._pending:
+                self._pending.discard(request_id)
+                self._outputs.put_nowait(EngineError(request_id, ErrorCode.ABORTED, "task was cancelled"))
+
+    async def close(self) -> None:
+        self._running = False
+        self._outputs.put_nowait(None)
+
+
+class InprocEngineClient(_QueueOutputs):
+    """Runs :class:`engine.core.EngineCore` on a dedicated thread in this process."""
+
+    def __init__(self, config) -> None:  # EngineConfig; typed loosely to avoid importing torch here
+        super().__init__()
+        self._config = config
+        self._core = None
+
+    async def start(self) -> None:
+        from .core import EngineCore  # imports torch
+
+        loop = asyncio.get_running_loop()
+        self._core = await loop.run_in_executor(None, EngineCore.load, self._config)
+        self._core.start(lambda out: loop.call_soon_threadsafe(self._outputs.put_nowait, out))
+
+    @property
+    def ready(self) -> bool:
+        return self._core is not None and self._core.alive
+
+    async def submit(self, request: UpscaleRequest) -> None:
+        if not self.ready:
+            raise EngineUnavailable("engine is not running")
+        if not self._core.add_request(request):
+            raise EngineOverloaded(f"engine queue is full ({self._config.max_queue} requests)")
+
+    async def abort(self, request_ids: Iterable[str]) -> None:
+        if self._core is not None:
+            self._core.abort(list(request_ids))
+
+    async def close(self) -> None:
+        if self._core is not None:
+            core, self._core = self._core, None
+            await asyncio.get_running_loop().run_in_executor(None, core.shutdown)
+        self._outputs.put_nowait(None)

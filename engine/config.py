@@ -1,0 +1,37 @@
+"""Engine settings: one frozen dataclass, grouped by concern, every default named."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+__all__ = ["DEFAULT_MODEL", "DEFAULT_REVISION", "EngineConfig"]
+
+DEFAULT_MODEL = "stabilityai/sd-x2-latent-upscaler"
+# The first revision of the hub repository that ships safetensors weights.
+DEFAULT_REVISION = "1f2883b22f62cfb29323770ba9cfdcf601757bd3"
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    # Model
+    model: str = DEFAULT_MODEL  # hub id, local folder, or "tiny" / "small" / "full-random"
+    revision: str | None = None  # hub revision; None means DEFAULT_REVISION for DEFAULT_MODEL
+    device: str | None = None  # None: CUDA when present, else CPU
+    dtype: str | None = None  # "fp32", "fp16", "bf16"; None: fp16 on CUDA, fp32 on CPU
+    cache_dir: str | None = None  # where the tiny/small models are built; None: ~/.cache/latent-upscaler
+
+    # Batching
+    max_batch_rows: int = 16  # UNet rows per call (a CFG request takes two)
+    mode: str = "continuous"  # "continuous" (step-level) or "static" (batch runs to completion)
+    static_batch_delay: float = 0.05  # static mode: seconds to wait for same-size requests
+    vae_batch_pixels: int = 4 * 1024 * 1024  # output pixels per batched VAE decode (bounds memory)
+
+    # Limits
+    max_queue: int = 1024  # requests admitted but not finished; beyond → rateLimitExceeded
+    max_input_pixels: int = 2048 * 2048
+    min_input_side: int = 8
+    max_steps: int = 100
+
+    # Caches and threads
+    text_cache_size: int = 256  # (prompt, clip_skip) encodings kept
+    codec_threads: int = 2
