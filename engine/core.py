@@ -1,0 +1,342 @@
+"""The engine loop: connects the scheduler (decides) and the runner (runs the model).
+
+One dedicated thread owns the model. Each turn of its loop, like vLLM's
+``EngineCore.step()``:
+
+1. take new input: requests whose image the codec pool has decoded, and aborts
+   (blocking only when there is nothing to do);
+2. prepare the newcomers (text and VAE encoding, batched by size) so they join their
+   shape group at this tick boundary;
+3. ``schedule()`` one UNet call and run it;
+4. requests that took their last step leave at once: decoded in a batch, then encoded
+   to JPG/PNG/WEBP on the codec pool and handed back.
+
+Faults stay with the request at fault: a batched call that raises is split in halves
+and retried until the failing request stands alone; an out-of-memory error shrinks the
+row budget instead. Every request ends exactly once (``_finish``).
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+
+from . import codecs
+from .api import EngineError, EngineOutput, ErrorCode, Progress, UpscaleRequest, UpscaleResult
+from .config import EngineConfig
+from .request import Request, RequestStatus
+from .runner import ModelRunner, PreparedInput, timed
+from .scheduler import ScheduledBatch, Scheduler
+
+__all__ = ["EngineCore"]
+
+logger = logging.getLogger(__name__)
+
+Emit = Callable[[EngineOutput], None]
+
+
+class EngineCore:
+    """The model thread and its codec pool. Thread-safe entry points: :meth:`add_request`,
+    :meth:`abort`, :meth:`shutdown`; everything else runs on the model thread."""
+
+    def __init__(self, runner: ModelRunner, config: EngineConfig) -> None:
+        self.runner = runner
+        self.config = config
+        self.scheduler = Scheduler(
+            config.max_batch_rows, mode=config.mode, static_delay=config.static_batch_delay
+        )
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._codec_pool = ThreadPoolExecutor(config.codec_threads, thread_name_prefix="engine-codec")
+        self._requests: dict[str, Request] = {}  # every unfinished request, by id
+        self._lock = threading.Lock()  # guards _requests and terminal outputs
+        self._early: list[EngineOutput] = []  # outputs emitted before start(), flushed then
+        self._emit: Emit = self._early.append
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self._ready_inputs: list[tuple[Request, PreparedInput]] = []
+
+    @classmethod
+    def load(cls, config: EngineConfig) -> EngineCore:
+        """Load the model named by ``config`` (blocking) and build an idle core."""
+        from .loader import load_pipeline
+
+        loaded = load_pipeline(config)
+        runner = ModelRunner(
+            loaded.pipeline, device=loaded.device, dtype=loaded.dtype, text_cache_size=config.text_cache_size
+        )
+        return cls(runner, config)
+
+    # Thread-safe entry points
+
+    def start(self, emit: Emit) -> None:
+        """Start the model thread; every output goes to ``emit`` (from any thread)."""
+        with self._lock:
+            self._emit = emit
+            early, self._early = self._early, []
+        for output in early:
+            emit(output)
+        self._thread = threading.Thread(target=self._run_loop, name="engine-model", daemon=True)
+        self._thread.start()
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive() and not self._stopping
+
+    def add_request(self, api: UpscaleRequest) -> bool:
+        """Admit ``api``; False if the queue is full. Its image is decoded on the pool."""
+        with self._lock:
+            if len(self._requests) >= self.config.max_queue:
+                return False
+            if api.request_id in self._requests:
+                raise ValueError(f"request {api.request_id!r} is already in the engine")
+            request = Request(api)
+            self._requests[api.request_id] = request
+        self._codec_pool.submit(self._decode_input, request)
+        return True
+
+    def abort(self, request_ids: Iterable[str]) -> None:
+        self._inbox.put(("abort", list(request_ids)))
+
+    def shutdown(self, timeout: float = 30.0) -> None:
+        """Stop the loop; unfinished requests end with ``ABORTED``."""
+        self._stopping = True
+        self._inbox.put(("stop", None))
+        if self._thread is not None:
+            self._thread.join(timeout)
+        self._codec_pool.shutdown(wait=True, cancel_futures=True)
+        with self._lock:
+            leftover = list(self._requests.values())
+        for request in leftover:
+            self._finish(request, EngineError(request.request_id, ErrorCode.ABORTED, "the engine shut down"))
+
+    # Codec pool: decode an input, encode an output
+
+    def _decode_input(self, request: Request) -> None:
+        started = time.perf_counter()
+        try:
+            image = codecs.decode_image(
+                request.api.image,
+                max_pixels=self.config.max_input_pixels,
+                min_side=self.config.min_input_side,
+            )
+            padded = codecs.pad_to_multiple(codecs.image_to_array(image), 32, min_size=64)
+            prepared = PreparedInput(padded, image.height, image.width, image.alpha)
+        except codecs.ImageError as exc:
+            self._finish(request, EngineError(request.request_id, exc.code, str(exc)))
+            return
+        except Exception:
+            logger.exception("decoding the input of %s failed", request.request_id)
+            self._finish(request, _internal(request))
+            return
+        request.engine_seconds += time.perf_counter() - started
+        request.shape = (padded.shape[0] // 8, padded.shape[1] // 8)
+        with self._lock:
+            if request.status.finished:
+                return  # aborted while it was being decoded
+            request.status = RequestStatus.PREPARING
+        self._inbox.put(("prepared", (request, prepared)))
+
+    def _encode_output(self, request: Request, pixels, alpha) -> None:
+        started = time.perf_counter()
+        try:
+            image = codecs.array_to_image(pixels, alpha)
+            data = codecs.encode_image(image, request.api.output_format, request.api.output_quality)
+        except Exception:
+            logger.exception("encoding the output of %s failed", request.request_id)
+            self._finish(request, _internal(request))
+            return
+        request.engine_seconds += time.perf_counter() - started
+        self._finish(
+            request,
+            UpscaleResult(
+                request_id=request.request_id,
+                image=data,
+                output_format=request.api.output_format,
+                width=image.width,
+                height=image.height,
+                seed=request.api.seed,
+                engine_seconds=request.engine_seconds,
+                unet_calls=request.unet_calls,
+                max_batch_rows=request.max_batch_rows,
+            ),
+        )
+
+    # Exactly once
+
+    def _finish(self, request: Request, output: EngineOutput) -> None:
+        """Send ``request``'s terminal output unless it already ended."""
+        with self._lock:
+            if request.status.finished or self._requests.get(request.request_id) is not request:
+                return
+            del self._requests[request.request_id]
+            request.status = _final_status(output)
+            emit = self._emit
+        emit(output)
+
+    # The model thread
+
+    def _run_loop(self) -> None:
+        logger.info(
+            "engine loop started (%s rows per call, %s batching)", self.scheduler.max_rows, self.config.mode
+        )
+        try:
+            with torch.inference_mode():
+                while not self._stopping:
+                    self._take_input()
+                    self._prepare_ready()
+                    batch = self.scheduler.schedule()
+                    if batch is not None:
+                        self._run_batch(batch)
+        except Exception:
+            logger.exception("the engine loop died")
+            self._stopping = True
+            with self._lock:
+                leftover = list(self._requests.values())
+            for request in leftover:
+                self._finish(request, _internal(request))
+        finally:
+            for request in [r for r, _ in self._ready_inputs]:
+                self.runner.release(request.request_id)
+
+    def _take_input(self) -> None:
+        """Apply everything in the inbox; wait for input only when there is no work."""
+        busy = self.scheduler.has_work or self._ready_inputs
+        timeout = self.scheduler.wait_time() if busy else None
+        block = not busy or (timeout is not None and timeout > 0)
+        while True:
+            try:
+                kind, payload = self._inbox.get(block=block, timeout=timeout if block else None)
+            except queue.Empty:
+                return
+            block = False
+            if kind == "stop":
+                self._stopping = True
+                return
+            if kind == "prepared":
+                self._ready_inputs.append(payload)
+            elif kind == "abort":
+                self._apply_aborts(payload)
+
+    def _apply_aborts(self, request_ids: list[str]) -> None:
+        for request_id in request_ids:
+            with self._lock:
+                request = self._requests.get(request_id)
+            if request is None or request.status >= RequestStatus.DECODING:
+                continue  # unknown, finished, or too late to matter
+            self.scheduler.remove(request)
+            self._ready_inputs = [(r, p) for r, p in self._ready_inputs if r is not request]
+            self.runner.release(request_id)
+            self._finish(request, EngineError(request_id, ErrorCode.ABORTED, "task was cancelled"))
+
+    def _prepare_ready(self) -> None:
+        """Text- and VAE-encode newcomers, batched by shape and bounded in pixels."""
+        ready, self._ready_inputs = self._ready_inputs, []
+        by_shape: dict[tuple[int, int], list[tuple[Request, PreparedInput]]] = defaultdict(list)
+        for request, prepared in ready:
+            if not request.status.finished:
+                by_shape[request.shape].append((request, prepared))
+        for shape, items in by_shape.items():
+            per_call = max(1, self.config.vae_batch_pixels // (shape[0] * shape[1] * 64))
+            for i in range(0, len(items), per_call):
+                self._isolate(self._prepare_chunk, items[i : i + per_call], shrink_on_oom=False)
+
+    def _prepare_chunk(self, items: list[tuple[Request, PreparedInput]]) -> None:
+        requests = [r for r, _ in items]
+        _, seconds = timed(self.runner.prepare, requests, [p for _, p in items])
+        for request in requests:
+            request.engine_seconds += seconds / len(requests)
+            self.scheduler.add(request)
+
+    def _run_batch(self, batch: ScheduledBatch) -> None:
+        try:
+            self._isolate(self._step, list(batch.requests), tick=batch.tick)
+        except _OutOfMemory:
+            rows = self.scheduler.shrink()
+            logger.warning("out of memory at %d rows; row budget is now %d", batch.rows, rows)
+
+    def _step(self, requests: list[Request], tick: int) -> None:
+        batch = ScheduledBatch(requests[0].shape, tuple(requests), sum(r.rows for r in requests), tick)
+        _, seconds = timed(self.runner.step, batch)
+        finished = []
+        for request in requests:
+            request.step_index += 1
+            request.unet_calls += 1
+            request.max_batch_rows = max(request.max_batch_rows, batch.rows)
+            request.engine_seconds += seconds * request.rows / batch.rows
+            if request.api.want_progress:
+                self._emit(Progress(request.request_id, request.step_index, request.total_steps))
+            if request.done_denoising:
+                finished.append(request)
+        if finished:
+            self._decode_finished(finished)
+
+    def _decode_finished(self, requests: list[Request]) -> None:
+        for request in requests:
+            self.scheduler.remove(request)
+            request.status = RequestStatus.DECODING
+        h, w = requests[0].shape
+        per_call = max(1, self.config.vae_batch_pixels // (h * w * 256))
+        for i in range(0, len(requests), per_call):
+            self._isolate(self._decode_chunk, requests[i : i + per_call], shrink_on_oom=False)
+
+    def _decode_chunk(self, requests: list[Request]) -> None:
+        images, seconds = timed(self.runner.decode, requests)
+        for request, pixels in zip(requests, images):
+            request.engine_seconds += seconds / len(requests)
+            alpha = self.runner.states[request.request_id].prepared.alpha
+            self.runner.release(request.request_id)
+            self._codec_pool.submit(self._encode_output, request, pixels, alpha)
+
+    def _isolate(self, call: Callable, items: list, *, shrink_on_oom: bool = True, **kwargs) -> None:
+        """Run ``call(items)``; if it raises, split in halves and retry until the faulty
+        item stands alone, and fail only that one. With ``shrink_on_oom``, an
+        out-of-memory error of a batch propagates as ``_OutOfMemory`` (the caller then
+        shrinks the row budget and the same requests run again next tick); otherwise
+        it is isolated like any other fault."""
+        try:
+            call(items, **kwargs)
+            return
+        except Exception as exc:
+            if len(items) == 1:
+                request = items[0][0] if isinstance(items[0], tuple) else items[0]
+                logger.exception("request %s failed in %s", request.request_id, call.__name__)
+                self._fail(request)
+                return
+            if shrink_on_oom and _is_oom(exc):
+                raise _OutOfMemory() from exc
+            logger.warning("a batch of %d failed in %s (%s); isolating", len(items), call.__name__, exc)
+        half = len(items) // 2
+        for part in (items[:half], items[half:]):
+            self._isolate(call, part, shrink_on_oom=False, **kwargs)
+
+    def _fail(self, request: Request) -> None:
+        self.scheduler.remove(request)
+        self.runner.release(request.request_id)
+        self._finish(request, _internal(request))
+
+
+class _OutOfMemory(Exception):
+    pass
+
+
+def _is_oom(exc: BaseException) -> bool:
+    return isinstance(exc, (torch.OutOfMemoryError, MemoryError)) or "out of memory" in str(exc).lower()
+
+
+def _final_status(output: EngineOutput) -> RequestStatus:
+    if isinstance(output, UpscaleResult):
+        return RequestStatus.FINISHED_OK
+    if isinstance(output, EngineError) and output.code is ErrorCode.ABORTED:
+        return RequestStatus.FINISHED_ABORTED
+    return RequestStatus.FINISHED_ERROR
+
+
+def _internal(request: Request) -> EngineError:
+    return EngineError(request.request_id, ErrorCode.INTERNAL, "the engine failed to process this task")

@@ -1,0 +1,148 @@
+"""Which requests ride in the next UNet call. Decides only; owns no tensors.
+
+The algorithm (continuous mode, step-level batching):
+
+Requests that are denoising are grouped by latent shape, since only rows of one H×W
+can share a UNet call (MODEL.md). Each tick serves one group, round-robin over the
+groups that have work, so a short job of one shape never waits behind a long job of
+another: its latency grows with the number of active groups, not with their jobs'
+lengths. Within the group, requests are taken least-recently-stepped first (then
+oldest first) until the row budget is full; a guided request takes two rows. New
+requests join a group at any tick boundary and finished ones leave at once.
+
+Static mode is what generic servers do (Triton's dynamic batcher, Ray Serve's
+``@serve.batch``): wait up to ``static_delay`` for same-shape requests, freeze a
+batch, and run it to completion before the next batch starts; nobody joins late.
+It exists to be compared against (benchmarks/), sharing all other code.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from .request import Request, RequestStatus
+
+__all__ = ["ScheduledBatch", "Scheduler"]
+
+Shape = tuple[int, int]
+
+
+@dataclass(frozen=True, slots=True)
+class ScheduledBatch:
+    """One UNet call: these requests (all of ``shape``), ``rows`` rows in total."""
+
+    shape: Shape
+    requests: tuple[Request, ...]
+    rows: int
+    tick: int
+
+
+class Scheduler:
+    def __init__(
+        self,
+        max_rows: int,
+        *,
+        mode: str = "continuous",
+        static_delay: float = 0.05,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if mode not in ("continuous", "static"):
+            raise ValueError(f"unknown batching mode {mode!r}: use 'continuous' or 'static'")
+        self.max_rows = max_rows
+        self.mode = mode
+        self.static_delay = static_delay
+        self._clock = clock
+        self._groups: dict[Shape, list[Request]] = {}  # insertion order = round-robin order
+        self._last_shape: Shape | None = None
+        self._frozen: list[Request] | None = None  # static mode: the batch running to completion
+        self._tick = 0
+
+    # Membership
+
+    def add(self, request: Request) -> None:
+        """A prepared request joins its shape group; it can ride in the next call."""
+        request.status = RequestStatus.DENOISING
+        self._groups.setdefault(request.shape, []).append(request)
+
+    def remove(self, request: Request) -> None:
+        """Take a request out (finished, aborted or failed); a no-op if it is not here."""
+        group = self._groups.get(request.shape)
+        if group and request in group:
+            group.remove(request)
+            if not group:
+                del self._groups[request.shape]
+        if self._frozen is not None and request in self._frozen:
+            self._frozen.remove(request)
+            if not self._frozen:
+                self._frozen = None
+
+    def __len__(self) -> int:
+        return sum(len(g) for g in self._groups.values())
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self._groups)
+
+    # Decisions
+
+    def schedule(self) -> ScheduledBatch | None:
+        """The next UNet call, or None if nothing should run now (see :meth:`wait_time`)."""
+        if not self._groups:
+            return None
+        picked = self._schedule_static() if self.mode == "static" else self._schedule_continuous()
+        if not picked:
+            return None
+        self._tick += 1
+        for request in picked:
+            request.last_tick = self._tick
+        return ScheduledBatch(picked[0].shape, tuple(picked), sum(r.rows for r in picked), self._tick)
+
+    def wait_time(self) -> float | None:
+        """Seconds until :meth:`schedule` may return a batch without new input; None if
+        only new input can help (idle)."""
+        if not self._groups:
+            return None
+        if self.mode == "static" and self._frozen is None:
+            oldest = min((g[0] for g in self._groups.values()), key=lambda r: r.arrival)
+            return max(0.0, oldest.arrival + self.static_delay - self._clock())
+        return 0.0
+
+    def _next_shape(self) -> Shape:
+        shapes = list(self._groups)
+        if self._last_shape in shapes:
+            return shapes[(shapes.index(self._last_shape) + 1) % len(shapes)]
+        return shapes[0]
+
+    def _schedule_continuous(self) -> list[Request]:
+        shape = self._next_shape()
+        self._last_shape = shape
+        group = sorted(self._groups[shape], key=lambda r: (r.last_tick, r.arrival))
+        return self._fill(group)
+
+    def _fill(self, candidates: list[Request]) -> list[Request]:
+        picked: list[Request] = []
+        rows = 0
+        for request in candidates:
+            if rows + request.rows <= self.max_rows or not picked:
+                picked.append(request)
+                rows += request.rows
+            if rows >= self.max_rows:
+                break
+        return picked
+
+    def _schedule_static(self) -> list[Request]:
+        if self._frozen is None:
+            oldest = min((g[0] for g in self._groups.values()), key=lambda r: r.arrival)
+            group = self._groups[oldest.shape]
+            rows = sum(r.rows for r in group)
+            if rows < self.max_rows and self._clock() < oldest.arrival + self.static_delay:
+                return []
+            self._frozen = self._fill(sorted(group, key=lambda r: r.arrival))
+        return list(self._frozen)
+
+    def shrink(self) -> int:
+        """Halve the row budget after an out-of-memory error; returns the new budget."""
+        self.max_rows = max(1, self.max_rows // 2)
+        return self.max_rows
