@@ -1,0 +1,79 @@
+"""The async engine interface the gateway uses, with the real engine and the null one."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+
+import pytest
+from PIL import Image
+
+from engine.api import EngineError, ErrorCode, OutputFormat, Progress, UpscaleRequest, UpscaleResult
+from engine.client import EngineOverloaded, EngineUnavailable, InprocEngineClient, NullEngineClient
+from engine.config import EngineConfig
+from tests.engine_helpers import make_png
+
+
+async def collect(client, ids: set[str], timeout: float = 60.0) -> dict[str, list]:
+    seen: dict[str, list] = {i: [] for i in ids}
+    done: set[str] = set()
+
+    async def read():
+        async for out in client.outputs():
+            seen[out.request_id].append(out)
+            if not isinstance(out, Progress):
+                done.add(out.request_id)
+                if done == ids:
+                    return
+
+    await asyncio.wait_for(read(), timeout)
+    return seen
+
+
+async def test_inproc_client_round_trip_without_blocking_the_loop():
+    client = InprocEngineClient(EngineConfig(model="tiny", device="cpu", dtype="fp32"))
+    with pytest.raises(EngineUnavailable):
+        await client.submit(UpscaleRequest("early", make_png(64, 64)))
+    await client.start()
+    assert client.ready
+    ticks = 0
+
+    async def ticker():
+        nonlocal ticks
+        while True:
+            await asyncio.sleep(0.005)
+            ticks += 1
+
+    tick_task = asyncio.create_task(ticker())
+    try:
+        await client.submit(UpscaleRequest("a", make_png(40, 24), steps=3, want_progress=True))
+        await client.submit(UpscaleRequest("b", make_png(64, 64), steps=50, output_format=OutputFormat.WEBP))
+        await client.submit(UpscaleRequest("c", b"garbage"))
+        seen = await collect(client, {"a", "c"})
+        await client.abort(["b"])
+        seen.update(await collect(client, {"b"}))
+    finally:
+        tick_task.cancel()
+        await client.close()
+    assert [p.step for p in seen["a"][:-1]] == [1, 2, 3]
+    result = seen["a"][-1]
+    assert isinstance(result, UpscaleResult) and (result.width, result.height) == (80, 48)
+    assert Image.open(io.BytesIO(result.image)).format == "JPEG"
+    assert result.engine_seconds > 0 and result.unet_calls == 3
+    assert seen["b"][-1].code is ErrorCode.ABORTED
+    assert isinstance(seen["c"][0], EngineError) and seen["c"][0].code is ErrorCode.INVALID_IMAGE
+    assert ticks > 5  # the event loop kept running while the model worked
+    assert not client.ready
+
+
+async def test_null_client_answers_at_once_and_bounds_its_queue():
+    client = NullEngineClient(max_queue=0)
+    await client.start()
+    with pytest.raises(EngineOverloaded):
+        await client.submit(UpscaleRequest("x", make_png(16, 16)))
+    client = NullEngineClient()
+    await client.start()
+    await client.submit(UpscaleRequest("x", make_png(16, 10), output_format=OutputFormat.PNG))
+    seen = await collect(client, {"x"})
+    assert (seen["x"][0].width, seen["x"][0].height) == (32, 20)
+    await client.close()
