@@ -33,7 +33,7 @@ from engine.config import EngineConfig  # noqa: E402
 from engine.core import EngineCore  # noqa: E402
 from engine.loader import ensure_builtin_model, load_pipeline  # noqa: E402
 
-SIZES = {"tiny": [(64, 64), (128, 64), (128, 128)], "small": [(64, 64), (96, 64)]}
+SIZES = {"tiny": [(64, 64), (96, 64), (64, 96)], "small": [(64, 64), (96, 64)]}
 
 
 def workload(model: str, count: int, steps: tuple[int, int], seed: int = 0) -> list[dict]:

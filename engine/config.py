@@ -35,3 +35,7 @@ class EngineConfig:
     # Caches and threads
     text_cache_size: int = 256  # (prompt, clip_skip) encodings kept
     codec_threads: int = 2
+    # torch intra-op threads on the CPU. None: one fewer than the cores, so that the
+    # event loop and the codec pool keep a core (OpenMP threads that lose their core
+    # spin at barriers, which on a 2-core machine costs far more than it gains).
+    torch_threads: int | None = None

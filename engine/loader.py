@@ -1,5 +1,7 @@
 """Loading the model: always through ``StableDiffusionLatentUpscalePipeline.from_pretrained``.
 
+Use :func:`load_pipeline` with an :class:`~engine.config.EngineConfig`; it returns a
+:class:`LoadedModel` (the pipeline on its device, in eval mode, plus where it came from).
 ``config.model`` names what to load:
 
 - a hub id (default ``stabilityai/sd-x2-latent-upscaler``, pinned to a revision that
@@ -10,10 +12,12 @@
 - ``small``: the real architecture with narrower channels and random weights, where
   compute dominates as it does for the real model (CPU benchmarks);
 - ``full-random``: the real architecture at full size with random weights (GPU
-  benchmarks without hub access).
+  benchmarks without hub access; 1.4 GB on disk).
 
 Built-in models are written with ``save_pretrained`` to a cache folder (atomically, so
-concurrent processes never see half a model) and loaded back like real weights.
+concurrent processes never see half a model) and loaded back like real weights; see
+:func:`ensure_builtin_model`. Every failure to load is a :class:`ModelLoadError` whose
+message says what to do instead.
 """
 
 from __future__ import annotations
@@ -26,15 +30,20 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from .config import DEFAULT_MODEL, DEFAULT_REVISION, EngineConfig
 
+if TYPE_CHECKING:
+    from diffusers import StableDiffusionLatentUpscalePipeline
+
 __all__ = [
     "BUILTIN_MODELS",
     "LoadedModel",
     "ModelLoadError",
+    "cache_root",
     "choose_device",
     "choose_dtype",
     "ensure_builtin_model",
@@ -45,8 +54,15 @@ logger = logging.getLogger(__name__)
 
 BUILTIN_MODELS = ("tiny", "small", "full-random")
 _CONFIGS = Path(__file__).parent / "configs"
-_BUILD_VERSION = "v1"  # bump when a built-in model's recipe changes
+# Part of each built-in model's folder name: bump one when its recipe changes, so that
+# a cache built by an older recipe is never mistaken for the current one.
+_BUILD_VERSIONS = {"tiny": "v1", "small": "v2", "full-random": "v1"}
 _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+_ALTERNATIVES = (
+    "Use a local copy instead: --model /path/to/local/folder (a folder written by save_pretrained, "
+    "or a hub snapshot of stabilityai/sd-x2-latent-upscaler), "
+    "or --model tiny for the small offline test model."
+)
 
 
 class ModelLoadError(RuntimeError):
@@ -55,21 +71,35 @@ class ModelLoadError(RuntimeError):
 
 @dataclass
 class LoadedModel:
-    pipeline: object  # StableDiffusionLatentUpscalePipeline, on its device, in eval mode
+    """What :func:`load_pipeline` returns. Read the components off ``pipeline``."""
+
+    pipeline: StableDiffusionLatentUpscalePipeline  # on ``device``, in ``dtype``, eval mode
     path: str  # the folder or hub id actually loaded
     device: torch.device
     dtype: torch.dtype
 
 
 def choose_device(name: str | None) -> torch.device:
-    """``name``, or CUDA when available, else CPU."""
-    if name:
-        return torch.device(name)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """``name`` (``"cpu"``, ``"cuda"``, ``"cuda:1"``…), or CUDA when available, else CPU.
+
+    Raises ValueError for a name torch does not know or a CUDA device that is absent.
+    """
+    if not name:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as exc:
+        raise ValueError(f"unknown device {name!r}: use cpu, cuda or cuda:N") from exc
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} asked for, but CUDA is not available here; use --device cpu")
+    return device
 
 
 def choose_dtype(name: str | None, device: torch.device) -> torch.dtype:
-    """fp32/fp16/bf16; by default fp16 on CUDA and fp32 elsewhere."""
+    """fp32/fp16/bf16; by default fp16 on CUDA and fp32 elsewhere.
+
+    fp16 on the CPU is allowed (with a warning); anything else is a ValueError.
+    """
     if name is None:
         return torch.float16 if device.type == "cuda" else torch.float32
     if name not in _DTYPES:
@@ -80,7 +110,11 @@ def choose_dtype(name: str | None, device: torch.device) -> torch.dtype:
 
 
 def load_pipeline(config: EngineConfig) -> LoadedModel:
-    """Load ``config.model`` onto its device in its dtype. Raises :class:`ModelLoadError`."""
+    """Load ``config.model`` onto its device in its dtype, building a built-in one first.
+
+    Raises ValueError for a bad device or dtype, :class:`ModelLoadError` when the model
+    cannot be found, fetched or read.
+    """
     from diffusers import StableDiffusionLatentUpscalePipeline
 
     device = choose_device(config.device)
@@ -89,9 +123,11 @@ def load_pipeline(config: EngineConfig) -> LoadedModel:
     logger.info("loading %s (%s, %s)", source, device, str(dtype).removeprefix("torch."))
     started = time.perf_counter()
     try:
-        pipeline = StableDiffusionLatentUpscalePipeline.from_pretrained(source, torch_dtype=dtype, **kwargs)
-    except Exception as exc:
-        raise ModelLoadError(_load_failure_message(source, exc)) from exc
+        pipeline = StableDiffusionLatentUpscalePipeline.from_pretrained(
+            source, **_dtype_kwarg(dtype), **kwargs
+        )
+    except Exception as exc:  # hub, file-system and format errors all come in many types
+        raise ModelLoadError(_load_failure_message(source, kwargs, exc)) from exc
     pipeline = pipeline.to(device)
     pipeline.set_progress_bar_config(disable=True)
     for part in (pipeline.unet, pipeline.vae, pipeline.text_encoder):
@@ -100,37 +136,63 @@ def load_pipeline(config: EngineConfig) -> LoadedModel:
     return LoadedModel(pipeline, source, device, dtype)
 
 
-def _resolve(config: EngineConfig) -> tuple[str, dict]:
+def _dtype_kwarg(dtype: torch.dtype) -> dict[str, torch.dtype]:
+    # diffusers renamed ``torch_dtype`` to ``dtype`` (the old name warns); older ones lack it.
+    from diffusers.utils import deprecation_utils
+
+    return {"dtype" if hasattr(deprecation_utils, "_resolve_dtype") else "torch_dtype": dtype}
+
+
+def _resolve(config: EngineConfig) -> tuple[str, dict[str, Any]]:
+    """(what to pass to ``from_pretrained``, its extra keyword arguments)."""
     if config.model in BUILTIN_MODELS:
         return str(ensure_builtin_model(config.model, config.cache_dir)), {}
-    if Path(config.model).expanduser().is_dir():
-        return str(Path(config.model).expanduser()), {}
+    folder = Path(config.model).expanduser()
+    if folder.is_dir():
+        return str(folder), {}
+    if _looks_like_path(config.model):
+        raise ModelLoadError(f"model folder {config.model!r} does not exist. {_ALTERNATIVES}")
     revision = config.revision or (DEFAULT_REVISION if config.model == DEFAULT_MODEL else None)
     return config.model, {"revision": revision, "use_safetensors": True}
 
 
-def _load_failure_message(source: str, exc: Exception) -> str:
-    looks_local = source.startswith((".", "/", "~")) or os.sep in source.strip("/").split("/", 2)[-1]
-    what = f"folder {source!r}" if looks_local else f"model {source!r} from the Hugging Face hub"
+def _looks_like_path(model: str) -> bool:
+    # A hub id is "name" or "owner/name"; anything else with a separator is a path.
+    return model.startswith((".", "/", "~")) or model.count("/") > 1 or os.sep in model.replace("/", "")
+
+
+def _load_failure_message(source: str, kwargs: dict[str, Any], exc: Exception) -> str:
+    detail = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+    if "revision" not in kwargs:  # a local folder
+        return f"could not load the model folder {source!r} ({detail}). {_ALTERNATIVES}"
     return (
-        f"could not load {what}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}\n"
-        "If the hub cannot be reached from this machine, use a local copy instead: "
-        "--model /path/to/sd-x2-latent-upscaler (a folder written by save_pretrained or a hub snapshot), "
-        "or --model tiny for the small offline test model."
+        f"could not load {source!r} from the Hugging Face hub: the hub could not be reached, "
+        f"or the model (revision {kwargs['revision'] or 'main'}) was not found there ({detail}). "
+        f"{_ALTERNATIVES}"
     )
 
 
 # Built-in models
 
 
+def cache_root(cache_dir: str | None = None) -> Path:
+    """Where built-in models live: ``cache_dir``, else ``$LATENT_UPSCALER_CACHE``, else
+    ``~/.cache/latent-upscaler``."""
+    chosen = cache_dir or os.environ.get("LATENT_UPSCALER_CACHE") or "~/.cache/latent-upscaler"
+    return Path(chosen).expanduser()
+
+
 def ensure_builtin_model(name: str, cache_dir: str | None = None) -> Path:
-    """The folder of built-in model ``name``, building it there first if missing."""
+    """The folder of built-in model ``name`` (one of :data:`BUILTIN_MODELS`), building it
+    first if missing. Pass the folder to ``from_pretrained`` or :func:`load_pipeline`.
+
+    Safe to call from several processes at once: each builds into a private temporary
+    folder and renames it into place; the first rename wins, the others are discarded.
+    """
     if name not in BUILTIN_MODELS:
         raise ValueError(f"unknown built-in model {name!r}: use one of {', '.join(BUILTIN_MODELS)}")
-    root = Path(
-        cache_dir or os.environ.get("LATENT_UPSCALER_CACHE") or Path.home() / ".cache" / "latent-upscaler"
-    )
-    folder = root / f"{name}-{_BUILD_VERSION}"
+    root = cache_root(cache_dir)
+    folder = root / f"{name}-{_BUILD_VERSIONS[name]}"
     if (folder / "model_index.json").exists():
         return folder
     root.mkdir(parents=True, exist_ok=True)
@@ -150,7 +212,8 @@ def ensure_builtin_model(name: str, cache_dir: str | None = None) -> Path:
     return folder
 
 
-def _build(name: str):
+def _build(name: str) -> StableDiffusionLatentUpscalePipeline:
+    """Built-in model ``name`` in memory, with the same weights on every call."""
     from diffusers import (
         AutoencoderKL,
         EulerDiscreteScheduler,
@@ -216,11 +279,13 @@ def _architecture(name: str) -> tuple[dict, dict, dict]:
         text["vocab_size"] = 1000
         text["max_position_embeddings"] = 77
         return unet, vae, text
-    # small: the real layout, narrower. Compute-bound on a CPU like the real model.
+    # small: the real layout (K-blocks, 4 layers per block, Fourier time embedding),
+    # narrower: one UNet call on a 1×8×32×32 latent costs ≈ 80 ms of CPU time (fp32),
+    # so like the real model it is compute-bound, unlike tiny.
     unet.update(
         attention_head_dim=32,
-        block_out_channels=[96, 96, 192, 192],
-        time_cond_proj_dim=128 + 128,
+        block_out_channels=[64, 64, 128, 128],
+        time_cond_proj_dim=128 + 128,  # 64 ones + 64 zeros + the pooled text embedding
         cross_attention_dim=128,
         layers_per_block=2,
     )

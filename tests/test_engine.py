@@ -228,3 +228,16 @@ def test_static_mode_runs_batches_to_completion():
         core.shutdown()
     assert all(isinstance(r, UpscaleResult) for r in results.values())
     assert counter.calls_by_shape() == {(16, 16): 5}
+
+
+def test_out_of_memory_shrinks_the_batch_and_loses_nothing(core):
+    def fault(sample, timestep, **kwargs):
+        if sample.shape[0] > 2:
+            raise torch.OutOfMemoryError("CUDA out of memory (injected)")
+
+    core.runner.unet.fault = fault
+    requests = [request(f"m{i}", make_png(64, 64, seed=i), steps=2) for i in range(5)]
+    results, collector = run(core, requests)
+    assert all(isinstance(r, UpscaleResult) for r in results.values())
+    assert all(len(v) == 1 for v in collector.terminal.values())
+    assert core.scheduler.max_rows <= 2
