@@ -23,7 +23,7 @@ __all__ = [
 ]
 
 
-class OutputFormat(str, enum.Enum):
+class OutputFormat(enum.StrEnum):
     """Encodings the engine can produce. PNG and WEBP keep an input's alpha channel."""
 
     JPG = "JPG"
@@ -39,7 +39,7 @@ class OutputFormat(str, enum.Enum):
         return self.value.lower()
 
 
-class ErrorCode(str, enum.Enum):
+class ErrorCode(enum.StrEnum):
     """Why a request ended without a result. Values are Runware-style error codes."""
 
     INVALID_IMAGE = "invalidImage"  # undecodable, animated, or otherwise unusable bytes

@@ -154,28 +154,71 @@ class NullEngineClient(_QueueOutputs):
 
 
 class InprocEngineClient(_QueueOutputs):
-    """Runs :class:`engine.core.EngineCore` on a dedicated thread in this process."""
+    """Runs :class:`engine.core.EngineCore` on a dedicated thread in this process.
 
-    def __init__(self, config) -> None:  # EngineConfig; typed loosely to avoid importing torch here
-        super().__init__()
+    If the engine loop dies of a fault, its unfinished requests fail with
+    ``internalError``, :attr:`ready` turns false, and a fresh loop is started on the
+    same loaded model, at most ``max_restarts`` times per ``restart_window`` seconds;
+    past that the client stays down and says so in the log.
+    """
+
+    def __init__(self, config, *, max_restarts: int = 3, restart_window: float = 600.0) -> None:
+        super().__init__()  # config: EngineConfig, typed loosely to keep torch out of imports
         self._config = config
         self._core = None
+        self._closed = False
+        self._max_restarts = max_restarts
+        self._restart_window = restart_window
+        self._restarts: list[float] = []
+        self.restart_count = 0
 
     async def start(self) -> None:
         from .core import EngineCore  # imports torch
 
         loop = asyncio.get_running_loop()
-        self._core = await loop.run_in_executor(None, EngineCore.load, self._config)
-        self._core.start(lambda out: loop.call_soon_threadsafe(self._outputs.put_nowait, out))
+        core = await loop.run_in_executor(None, EngineCore.load, self._config)
+        self._start_core(core, loop)
+
+    def _start_core(self, core, loop: asyncio.AbstractEventLoop) -> None:
+        self._core = core
+        core.start(
+            lambda out: loop.call_soon_threadsafe(self._outputs.put_nowait, out),
+            on_death=lambda: loop.call_soon_threadsafe(self._restart, core, loop),
+        )
+
+    def _restart(self, dead, loop: asyncio.AbstractEventLoop) -> None:
+        from .core import EngineCore
+
+        if self._closed or self._core is not dead:
+            return
+        now = time.monotonic()
+        self._restarts = [t for t in self._restarts if now - t < self._restart_window]
+        if len(self._restarts) >= self._max_restarts:
+            logger.error(
+                "the engine loop died %d times in %.0f s; not restarting it",
+                len(self._restarts) + 1,
+                self._restart_window,
+            )
+            return
+        self._restarts.append(now)
+        self.restart_count += 1
+        logger.warning("restarting the engine loop (restart %d)", self.restart_count)
+        self._start_core(EngineCore(dead.runner, self._config), loop)
 
     @property
     def ready(self) -> bool:
         return self._core is not None and self._core.alive
 
     async def submit(self, request: UpscaleRequest) -> None:
+        from .core import EngineStopped
+
         if not self.ready:
             raise EngineUnavailable("engine is not running")
-        if not self._core.add_request(request):
+        try:
+            admitted = self._core.add_request(request)
+        except EngineStopped as exc:
+            raise EngineUnavailable(str(exc)) from exc
+        if not admitted:
             raise EngineOverloaded(f"engine queue is full ({self._config.max_queue} requests)")
 
     async def abort(self, request_ids: Iterable[str]) -> None:
@@ -183,6 +226,7 @@ class InprocEngineClient(_QueueOutputs):
             self._core.abort(list(request_ids))
 
     async def close(self) -> None:
+        self._closed = True
         if self._core is not None:
             core, self._core = self._core, None
             await asyncio.get_running_loop().run_in_executor(None, core.shutdown)

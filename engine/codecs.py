@@ -9,7 +9,6 @@ what the stock pipeline sees.
 from __future__ import annotations
 
 import io
-import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -40,6 +39,8 @@ class ImageError(ValueError):
 
 @dataclass(slots=True)
 class DecodedImage:
+    """A decoded image: what :func:`decode_image` returns and :func:`encode_image` takes."""
+
     rgb: Image.Image  # mode RGB
     alpha: Image.Image | None = None  # mode L; None when absent or fully opaque
 
@@ -53,11 +54,14 @@ class DecodedImage:
 
 
 def decode_image(data: bytes, *, max_pixels: int = 2048 * 2048, min_side: int = 8) -> DecodedImage:
-    """Decode ``data``, apply EXIF orientation, convert to RGB and keep alpha aside.
+    """Decode ``data`` (any format Pillow reads) into RGB, with alpha kept aside.
 
-    The declared size is checked against ``max_pixels`` before any pixel is decoded.
+    EXIF orientation is applied. The declared size is checked against ``max_pixels`` and
+    ``min_side`` before any pixel is decoded, so a few-KB decompression bomb costs
+    nothing. Raises :class:`ImageError` with a code and a message for the client; safe
+    to call from several threads at once.
     """
-    image = _open(data)
+    image = _open(data, max_pixels)
     width, height = image.size
     if width * height > max_pixels:
         raise ImageError(
@@ -68,36 +72,44 @@ def decode_image(data: bytes, *, max_pixels: int = 2048 * 2048, min_side: int = 
         raise ImageError(
             ErrorCode.IMAGE_TOO_SMALL, f"image is {width}×{height}; each side must be at least {min_side} px"
         )
-    if getattr(image, "n_frames", 1) > 1:
-        raise ImageError(ErrorCode.INVALID_IMAGE, "animated images are not supported")
     try:
+        if getattr(image, "n_frames", 1) > 1:
+            raise ImageError(ErrorCode.INVALID_IMAGE, "animated images are not supported")
         image.load()
         image = ImageOps.exif_transpose(image) or image
-    except (OSError, ValueError, SyntaxError) as exc:
-        raise ImageError(ErrorCode.INVALID_IMAGE, f"could not decode image: {exc}") from exc
-    return _split_alpha(image)
+        return _split_alpha(image)
+    except ImageError:
+        raise
+    except Exception as exc:  # untrusted bytes: Pillow's plugins raise many types
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ImageError(ErrorCode.INVALID_IMAGE, f"could not decode image: {reason}") from exc
 
 
-def _open(data: bytes) -> Image.Image:
+def _open(data: bytes, max_pixels: int) -> Image.Image:
+    """Read the header only; Pillow decodes pixels lazily, on ``load()``."""
     if not data:
-        raise ImageError(ErrorCode.INVALID_IMAGE, "image is empty")
+        raise ImageError(ErrorCode.INVALID_IMAGE, "could not decode image: it is empty")
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            return Image.open(io.BytesIO(data))
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise ImageError(ErrorCode.IMAGE_TOO_LARGE, f"image declares too many pixels: {exc}") from exc
-    except (OSError, ValueError, SyntaxError) as exc:
+        return Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError as exc:
+        # Pillow refuses sizes over 2 × Image.MAX_IMAGE_PIXELS before we can look.
+        raise ImageError(
+            ErrorCode.IMAGE_TOO_LARGE, f"image declares too many pixels, over the limit of {max_pixels}"
+        ) from exc
+    except Exception as exc:
         raise ImageError(
             ErrorCode.INVALID_IMAGE, "could not decode image: not a supported image format"
         ) from exc
 
 
 def _split_alpha(image: Image.Image) -> DecodedImage:
-    if image.mode == "P" and "transparency" in image.info:
-        image = image.convert("RGBA")
+    """Any mode → RGB, plus its alpha channel (mode L) unless there is none or it is opaque."""
+    if "transparency" in image.info and image.mode in ("P", "L", "RGB"):
+        image = image.convert("RGBA")  # a palette or colour-key transparency → alpha
+    elif image.mode in ("RGBa", "La"):  # premultiplied
+        image = image.convert("RGBA" if image.mode == "RGBa" else "LA")
     alpha = None
-    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+    if image.mode in ("RGBA", "LA", "PA"):
         alpha = image.getchannel("A")
         if alpha.getextrema() == (255, 255):
             alpha = None
@@ -133,7 +145,8 @@ def pad_to_multiple(array: np.ndarray, multiple: int = 32, *, min_size: int = 0)
 def array_to_image(array: np.ndarray, alpha: Image.Image | None = None) -> DecodedImage:
     """Float [0, 1] H×W×3 → an image, rounded as ``numpy_to_pil``; ``alpha`` is resized
     to the new size."""
-    rgb = Image.fromarray((array * 255).round().astype("uint8"), "RGB")
+    # Clipping first changes nothing in [0, 1] and keeps stray values from wrapping.
+    rgb = Image.fromarray((np.clip(array, 0, 1) * 255).round().astype("uint8"), "RGB")
     if alpha is not None and alpha.size != rgb.size:
         alpha = alpha.resize(rgb.size, Image.Resampling.LANCZOS)
     return DecodedImage(rgb, alpha)
@@ -177,6 +190,8 @@ def sniff_media_type(data: bytes) -> str | None:
     """The media type that ``data``'s magic bytes announce, or None if unknown."""
     if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
         return "image/webp"
+    if data[4:8] == b"ftyp" and data[8:12] in (b"avif", b"avis"):
+        return "image/avif"
     for magic, media_type in _MAGIC:
         if data.startswith(magic):
             return media_type

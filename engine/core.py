@@ -35,7 +35,7 @@ from .request import Request, RequestStatus
 from .runner import ModelRunner, PreparedInput, timed
 from .scheduler import ScheduledBatch, Scheduler
 
-__all__ = ["EngineCore"]
+__all__ = ["EngineCore", "EngineStopped"]
 
 logger = logging.getLogger(__name__)
 
@@ -60,6 +60,7 @@ class EngineCore:
         self._emit: Emit = self._early.append
         self._thread: threading.Thread | None = None
         self._stopping = False
+        self._on_death: Callable[[], None] | None = None
         self._ready_inputs: list[tuple[Request, PreparedInput]] = []
 
     @classmethod
@@ -75,8 +76,11 @@ class EngineCore:
 
     # Thread-safe entry points
 
-    def start(self, emit: Emit) -> None:
-        """Start the model thread; every output goes to ``emit`` (from any thread)."""
+    def start(self, emit: Emit, on_death: Callable[[], None] | None = None) -> None:
+        """Start the model thread; every output goes to ``emit`` (from any thread).
+        ``on_death`` is called (on the model thread) if the loop dies of a fault, after
+        every unfinished request was failed with ``internalError``."""
+        self._on_death = on_death
         with self._lock:
             self._emit = emit
             early, self._early = self._early, []
@@ -90,8 +94,11 @@ class EngineCore:
         return self._thread is not None and self._thread.is_alive() and not self._stopping
 
     def add_request(self, api: UpscaleRequest) -> bool:
-        """Admit ``api``; False if the queue is full. Its image is decoded on the pool."""
+        """Admit ``api``; False if the queue is full. Its image is decoded on the pool.
+        Raises :class:`EngineStopped` once the loop has stopped or died."""
         with self._lock:
+            if self._stopping:
+                raise EngineStopped("the engine loop is not running")
             if len(self._requests) >= self.config.max_queue:
                 return False
             if api.request_id in self._requests:
@@ -196,11 +203,15 @@ class EngineCore:
                         self._run_batch(batch)
         except Exception:
             logger.exception("the engine loop died")
-            self._stopping = True
             with self._lock:
+                self._stopping = True
                 leftover = list(self._requests.values())
             for request in leftover:
                 self._finish(request, _internal(request))
+            self._codec_pool.shutdown(wait=False, cancel_futures=True)
+            self.runner.states.clear()
+            if self._on_death is not None:
+                self._on_death()
         finally:
             for request in [r for r, _ in self._ready_inputs]:
                 self.runner.release(request.request_id)
@@ -320,6 +331,10 @@ class EngineCore:
         self.scheduler.remove(request)
         self.runner.release(request.request_id)
         self._finish(request, _internal(request))
+
+
+class EngineStopped(RuntimeError):
+    """The engine loop has stopped (shut down, or died of a fault)."""
 
 
 class _OutOfMemory(Exception):

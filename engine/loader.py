@@ -27,6 +27,7 @@ import logging
 import os
 import shutil
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,6 +58,8 @@ _CONFIGS = Path(__file__).parent / "configs"
 # Part of each built-in model's folder name: bump one when its recipe changes, so that
 # a cache built by an older recipe is never mistaken for the current one.
 _BUILD_VERSIONS = {"tiny": "v1", "small": "v2", "full-random": "v1"}
+# Building seeds torch's global generator, which threads share: one build at a time.
+_BUILD_LOCK = threading.Lock()
 _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 _ALTERNATIVES = (
     "Use a local copy instead: --model /path/to/local/folder (a folder written by save_pretrained, "
@@ -73,7 +76,7 @@ class ModelLoadError(RuntimeError):
 class LoadedModel:
     """What :func:`load_pipeline` returns. Read the components off ``pipeline``."""
 
-    pipeline: StableDiffusionLatentUpscalePipeline  # on ``device``, in ``dtype``, eval mode
+    pipeline: StableDiffusionLatentUpscalePipeline  # on ``device``, in ``dtype``, eval, no grads
     path: str  # the folder or hub id actually loaded
     device: torch.device
     dtype: torch.dtype
@@ -131,7 +134,7 @@ def load_pipeline(config: EngineConfig) -> LoadedModel:
     pipeline = pipeline.to(device)
     pipeline.set_progress_bar_config(disable=True)
     for part in (pipeline.unet, pipeline.vae, pipeline.text_encoder):
-        part.eval()
+        part.eval().requires_grad_(False)
     logger.info("loaded %s in %.1f s", source, time.perf_counter() - started)
     return LoadedModel(pipeline, source, device, dtype)
 
@@ -201,6 +204,7 @@ def ensure_builtin_model(name: str, cache_dir: str | None = None) -> Path:
     staging = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=root))
     try:
         _build(name).save_pretrained(staging, safe_serialization=True)
+        staging.chmod(0o755)  # mkdtemp makes it private; the cache may be shared
         try:
             staging.rename(folder)
         except OSError:
@@ -231,14 +235,15 @@ def _build(name: str) -> StableDiffusionLatentUpscalePipeline:
         pad_token_id=tokenizer.pad_token_id,
     )
     text_cfg["vocab_size"] = max(text_cfg["vocab_size"], len(tokenizer))
-    generator_state = torch.random.get_rng_state()
-    torch.manual_seed(0)
-    try:
-        unet = UNet2DConditionModel(**unet_cfg)
-        vae = AutoencoderKL(**vae_cfg)
-        text_encoder = CLIPTextModel(CLIPTextConfig(**text_cfg))
-    finally:
-        torch.random.set_rng_state(generator_state)
+    with _BUILD_LOCK:
+        generator_state = torch.random.get_rng_state()
+        torch.manual_seed(0)
+        try:
+            unet = UNet2DConditionModel(**unet_cfg)
+            vae = AutoencoderKL(**vae_cfg)
+            text_encoder = CLIPTextModel(CLIPTextConfig(**text_cfg))
+        finally:
+            torch.random.set_rng_state(generator_state)
     scheduler = EulerDiscreteScheduler.from_config(_load_config("scheduler"))
     return StableDiffusionLatentUpscalePipeline(
         vae=vae.eval(),
@@ -280,14 +285,13 @@ def _architecture(name: str) -> tuple[dict, dict, dict]:
         text["max_position_embeddings"] = 77
         return unet, vae, text
     # small: the real layout (K-blocks, 4 layers per block, Fourier time embedding),
-    # narrower: one UNet call on a 1×8×32×32 latent costs ≈ 80 ms of CPU time (fp32),
-    # so like the real model it is compute-bound, unlike tiny.
+    # narrower: one UNet call on a 1×8×32×32 latent costs ≈ 100 ms of CPU time in fp32
+    # (≈ 50 ms on two cores), so like the real model it is compute-bound, unlike tiny.
     unet.update(
-        attention_head_dim=32,
-        block_out_channels=[64, 64, 128, 128],
+        attention_head_dim=24,  # K-blocks read this as the size of a head: 2 and 4 heads
+        block_out_channels=[48, 48, 96, 96],
         time_cond_proj_dim=128 + 128,  # 64 ones + 64 zeros + the pooled text embedding
         cross_attention_dim=128,
-        layers_per_block=2,
     )
     vae.update(block_out_channels=[32, 64, 128, 128], norm_num_groups=32)
     text.update(

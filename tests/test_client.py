@@ -77,3 +77,26 @@ async def test_null_client_answers_at_once_and_bounds_its_queue():
     seen = await collect(client, {"x"})
     assert (seen["x"][0].width, seen["x"][0].height) == (32, 20)
     await client.close()
+
+
+async def test_a_dead_engine_loop_fails_its_requests_and_restarts():
+    client = InprocEngineClient(EngineConfig(model="tiny", device="cpu", dtype="fp32"))
+    await client.start()
+    core = client._core
+
+    def explode():
+        raise RuntimeError("injected loop fault")
+
+    core.scheduler.schedule = explode
+    await client.submit(UpscaleRequest("doomed", make_png(64, 64), steps=2))
+    seen = await collect(client, {"doomed"})
+    assert seen["doomed"][-1].code is ErrorCode.INTERNAL
+    for _ in range(200):
+        if client.ready and client._core is not core:
+            break
+        await asyncio.sleep(0.01)
+    assert client.ready and client.restart_count == 1
+    await client.submit(UpscaleRequest("after", make_png(64, 64), steps=2))
+    seen = await collect(client, {"after"})
+    assert isinstance(seen["after"][-1], UpscaleResult)
+    await client.close()

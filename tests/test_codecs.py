@@ -152,3 +152,80 @@ def test_array_to_image_resizes_alpha():
     alpha = Image.new("L", (10, 5), 200)
     image = codecs.array_to_image(np.zeros((10, 20, 3), np.float32), alpha)
     assert image.alpha.size == (20, 10)
+
+
+def test_colour_key_transparency_becomes_alpha():
+    image = Image.fromarray(gradient(16, 12))
+    image.putpixel((0, 0), (1, 2, 3))
+    decoded = codecs.decode_image(encode(image, "PNG", transparency=(1, 2, 3)))
+    assert decoded.alpha is not None and decoded.alpha.getpixel((0, 0)) == 0
+    assert decoded.alpha.getpixel((5, 5)) == 255
+
+
+def test_bomb_message_names_the_size_and_limit():
+    with pytest.raises(codecs.ImageError) as err:
+        codecs.decode_image(bomb_png(3000, 3000))  # under Pillow's own limit, over ours
+    assert str(err.value) == "image is 3000×3000 = 9000000 pixels, over the limit of 4194304"
+
+
+def test_unconvertible_mode_is_an_image_error():
+    image = Image.new("LAB", (16, 12))  # Pillow has no LAB → RGB conversion
+    buf = io.BytesIO()
+    image.save(buf, format="TIFF")
+    try:
+        decoded = codecs.decode_image(buf.getvalue())
+    except codecs.ImageError as err:
+        assert err.code is ErrorCode.INVALID_IMAGE
+    else:
+        assert decoded.rgb.mode == "RGB"
+
+
+def test_pixels_match_diffusers_conversions():
+    data = gradient(33, 17)
+    decoded = codecs.decode_image(encode(Image.fromarray(data), "PNG"))
+    array = codecs.image_to_array(decoded)
+    assert array.dtype == np.float32 and array.shape == (17, 33, 3)
+    np.testing.assert_array_equal(array, data.astype(np.float32) / 255)
+    back = codecs.array_to_image(array, None)
+    np.testing.assert_array_equal(np.asarray(back.rgb), data)
+    wild = codecs.array_to_image(np.full((8, 8, 3), 1.7, np.float32), None)  # clipped, not wrapped
+    assert np.asarray(wild.rgb).min() == 255
+
+
+def test_pad_without_min_size_and_tiny_inputs():
+    array = np.random.default_rng(2).random((53, 37, 3)).astype(np.float32)
+    padded = codecs.pad_to_multiple(array)
+    assert padded.shape == (64, 64, 3) and np.array_equal(padded[:53, :37], array)
+    # reflection continues the image: the row below the last mirrors the one above it
+    np.testing.assert_array_equal(padded[53, :37], array[51])
+    one = codecs.pad_to_multiple(np.ones((1, 1, 3), np.float32), 32)
+    assert one.shape == (32, 32, 3) and one.min() == 1
+
+
+def test_nearest_2x_keeps_alpha():
+    rgba = Image.fromarray(np.dstack([gradient(10, 8), np.full((8, 10), 9, np.uint8)]), "RGBA")
+    up = codecs.resize_nearest_2x(codecs.decode_image(encode(rgba, "PNG")))
+    assert (up.width, up.height) == (20, 16) and up.alpha is not None and up.alpha.size == (20, 16)
+    webp = Image.open(io.BytesIO(codecs.encode_image(up, OutputFormat.WEBP, 90)))
+    assert webp.mode == "RGBA"
+    jpg = Image.open(io.BytesIO(codecs.encode_image(up, OutputFormat.JPG, 90)))
+    assert jpg.mode == "RGB"
+
+
+@pytest.mark.parametrize(
+    ("fmt", "media_type"),
+    [
+        ("PNG", "image/png"),
+        ("JPEG", "image/jpeg"),
+        ("WEBP", "image/webp"),
+        ("GIF", "image/gif"),
+        ("BMP", "image/bmp"),
+    ],
+)
+def test_sniff_media_type(fmt, media_type):
+    assert codecs.sniff_media_type(encode(Image.new("RGB", (8, 8)), fmt)) == media_type
+
+
+def test_sniff_unknown():
+    assert codecs.sniff_media_type(b"hello world") is None
+    assert codecs.sniff_media_type(b"") is None
