@@ -122,6 +122,8 @@ def load_pipeline(config: EngineConfig) -> LoadedModel:
 
     device = choose_device(config.device)
     dtype = choose_dtype(config.dtype, device)
+    if device.type == "cpu":
+        torch.set_num_threads(config.torch_threads or max(1, (os.cpu_count() or 2) - 1))
     source, kwargs = _resolve(config)
     logger.info("loading %s (%s, %s)", source, device, str(dtype).removeprefix("torch."))
     started = time.perf_counter()
@@ -141,9 +143,11 @@ def load_pipeline(config: EngineConfig) -> LoadedModel:
 
 def _dtype_kwarg(dtype: torch.dtype) -> dict[str, torch.dtype]:
     # diffusers renamed ``torch_dtype`` to ``dtype`` (the old name warns); older ones lack it.
-    from diffusers.utils import deprecation_utils
-
-    return {"dtype" if hasattr(deprecation_utils, "_resolve_dtype") else "torch_dtype": dtype}
+    try:
+        from diffusers.utils.deprecation_utils import _resolve_dtype  # noqa: F401
+    except ImportError:
+        return {"torch_dtype": dtype}
+    return {"dtype": dtype}
 
 
 def _resolve(config: EngineConfig) -> tuple[str, dict[str, Any]]:
