@@ -1,0 +1,198 @@
+"""``latent-upscaler serve`` (also ``python -m gateway serve``): the command line.
+
+Every flag has an environment variable, ``LATENT_UPSCALER_<FLAG>`` (upper case,
+dashes as underscores); a flag on the command line wins over the variable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+
+from engine.config import DEFAULT_MODEL, EngineConfig
+
+from .config import GatewayConfig
+
+ENV_PREFIX = "LATENT_UPSCALER_"
+
+
+def _env_name(flag: str) -> str:
+    return ENV_PREFIX + flag.lstrip("-").replace("-", "_").upper()
+
+
+def _flag(group, flag: str, *, type=str, default=None, help: str, **kw) -> None:
+    env = _env_name(flag)
+    raw = os.environ.get(env)
+    if raw is not None:
+        default = raw.lower() in ("1", "true", "yes", "on") if type is bool else type(raw)
+    if type is bool:
+        group.add_argument(
+            flag,
+            action=argparse.BooleanOptionalAction,
+            default=bool(default),
+            help=f"{help} (env {env})",
+            **kw,
+        )
+    else:
+        shown = "" if default is None else f"; default {default}"
+        group.add_argument(flag, type=type, default=default, help=f"{help} (env {env}{shown})", **kw)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="latent-upscaler",
+        description="A Runware-compatible WebSocket gateway serving Stability's 2x latent upscaler.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    s = sub.add_parser(
+        "serve",
+        help="serve the WebSocket API",
+        description="Serve the Runware-compatible WebSocket API (ws://HOST:PORT/v1) and its HTTP endpoints "
+        "(/images/…, /healthz, /readyz) on one port. Each flag has an environment variable.",
+    )
+    g = s.add_argument_group("model")
+    _flag(g, "--model", default=DEFAULT_MODEL, help="hub id, local folder, or 'tiny' (offline test model)")
+    _flag(g, "--revision", help="hub revision (the default model is pinned to one with safetensors)")
+    _flag(g, "--device", help="torch device, e.g. cuda, cuda:1, cpu; default CUDA when present")
+    _flag(g, "--dtype", help="fp32, fp16 or bf16; default fp16 on CUDA, fp32 on CPU")
+    _flag(
+        g,
+        "--model-alias",
+        help="extra accepted `model` value (repeatable; env: comma-separated)",
+        action="append",
+    )
+    g = s.add_argument_group("network")
+    _flag(g, "--host", default="127.0.0.1", help="address to listen on")
+    _flag(g, "--port", type=int, default=8787, help="port for WebSocket and HTTP")
+    _flag(g, "--public-url", help="base URL of imageURL links, e.g. https://upscale.example.com")
+    _flag(g, "--permessage-deflate", type=bool, default=False, help="offer WebSocket compression")
+    g = s.add_argument_group("authentication")
+    _flag(
+        g,
+        "--api-key",
+        help="accepted API key (repeatable; env LATENT_UPSCALER_API_KEYS, comma-separated). Without any, "
+        "a loopback host accepts every key and another host refuses to start",
+        action="append",
+    )
+    g = s.add_argument_group("batching")
+    _flag(g, "--max-batch-rows", type=int, default=16, help="UNet rows per call (a CFG task takes two)")
+    _flag(
+        g, "--batching", default="continuous", help="'continuous' (step-level) or 'static' (for comparison)"
+    )
+    _flag(
+        g,
+        "--engine-queue",
+        type=int,
+        default=1024,
+        help="tasks admitted to the engine; beyond: rateLimitExceeded",
+    )
+    g = s.add_argument_group("limits")
+    _flag(g, "--max-frame-bytes", type=int, default=32 * 2**20, help="largest client frame")
+    _flag(g, "--max-tasks-per-frame", type=int, default=256, help="tasks in one frame")
+    _flag(g, "--max-in-flight-per-connection", type=int, default=64, help="unfinished tasks per connection")
+    _flag(g, "--max-in-flight-per-key", type=int, default=256, help="unfinished tasks per API key")
+    _flag(g, "--max-steps", type=int, default=100, help="largest settings.steps")
+    _flag(g, "--max-input-pixels", type=int, default=2048 * 2048, help="largest input image, in pixels")
+    _flag(g, "--max-input-bytes", type=int, default=32 * 2**20, help="largest input image, in bytes")
+    g = s.add_argument_group("timeouts and retention")
+    _flag(g, "--idle-timeout", type=float, default=120.0, help="close a socket silent this many seconds")
+    _flag(g, "--session-ttl", type=float, default=120.0, help="seconds undelivered results wait for a resume")
+    _flag(g, "--output-ttl", type=float, default=3600.0, help="default lifetime of stored images, seconds")
+    _flag(g, "--record-ttl", type=float, default=3600.0, help="seconds getResponse remembers a finished task")
+    _flag(g, "--shutdown-grace", type=float, default=30.0, help="seconds in-flight tasks get on SIGTERM")
+    g = s.add_argument_group("outbound HTTP")
+    _flag(
+        g,
+        "--allow-private-networks",
+        type=bool,
+        default=False,
+        help="allow image URLs/webhooks to private hosts",
+    )
+    _flag(g, "--price-per-gpu-hour", type=float, default=2.0, help="basis of `cost` (includeCost)")
+    _flag(g, "--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR")
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> GatewayConfig:
+    keys = list(args.api_key or [])
+    if not keys and os.environ.get("LATENT_UPSCALER_API_KEYS"):
+        keys = [k.strip() for k in os.environ["LATENT_UPSCALER_API_KEYS"].split(",") if k.strip()]
+    aliases = args.model_alias or []
+    if isinstance(aliases, str):
+        aliases = [a.strip() for a in aliases.split(",")]
+    engine = EngineConfig(
+        model=args.model,
+        revision=args.revision,
+        device=args.device,
+        dtype=args.dtype,
+        max_batch_rows=args.max_batch_rows,
+        mode=args.batching,
+        max_queue=args.engine_queue,
+        max_input_pixels=args.max_input_pixels,
+        max_steps=args.max_steps,
+    )
+    return GatewayConfig(
+        host=args.host,
+        port=args.port,
+        public_url=args.public_url,
+        permessage_deflate=args.permessage_deflate,
+        api_keys=tuple(keys),
+        model_aliases=tuple(aliases),
+        max_frame_bytes=args.max_frame_bytes,
+        max_tasks_per_frame=args.max_tasks_per_frame,
+        max_in_flight_per_connection=args.max_in_flight_per_connection,
+        max_in_flight_per_key=args.max_in_flight_per_key,
+        max_steps=args.max_steps,
+        max_input_bytes=args.max_input_bytes,
+        idle_timeout=args.idle_timeout,
+        session_ttl=args.session_ttl,
+        output_ttl=args.output_ttl,
+        record_ttl=args.record_ttl,
+        shutdown_grace=args.shutdown_grace,
+        allow_private_networks=args.allow_private_networks,
+        price_per_gpu_hour=args.price_per_gpu_hour,
+        engine=engine,
+    )
+
+
+async def serve_until_signalled(config: GatewayConfig) -> None:
+    from .server import GatewayServer
+
+    server = GatewayServer(config)
+    await server.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    logging.getLogger("gateway").info(
+        "shutting down: finishing in-flight tasks (grace %.0f s)", config.shutdown_grace
+    )
+    await server.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    from engine.loader import ModelLoadError
+
+    try:
+        config = config_from_args(args)
+        asyncio.run(serve_until_signalled(config))
+    except ModelLoadError as exc:
+        print(f"latent-upscaler: {exc}", file=sys.stderr)
+        return 2
+    except (ValueError, OSError) as exc:
+        print(f"latent-upscaler: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

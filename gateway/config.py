@@ -1,0 +1,76 @@
+"""Gateway settings: one dataclass grouped like ``serve()``'s arguments, every default named."""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass, field
+
+from engine.config import EngineConfig
+
+__all__ = ["GatewayConfig", "is_loopback"]
+
+RUNWARE_MODEL_ID = "runware:502@1"
+
+
+@dataclass
+class GatewayConfig:
+    # Network
+    host: str = "127.0.0.1"
+    port: int = 8787
+    public_url: str | None = None  # base of imageURL; default http://HOST:PORT
+    permessage_deflate: bool = False
+
+    # Authentication
+    api_keys: tuple[str, ...] = ()  # none on a loopback host: any key is accepted (with a warning)
+    max_auth_failures: int = 3  # per socket, then it is closed
+    auth_failures_per_minute: int = 20  # per peer address, then refused at once
+
+    # Models
+    model_aliases: tuple[str, ...] = ()  # accepted `model` values besides runware:502@1 and the loaded id
+
+    # Limits
+    max_frame_bytes: int = 32 * 2**20
+    max_tasks_per_frame: int = 256
+    max_in_flight_per_connection: int = 64
+    max_in_flight_per_key: int = 256
+    max_steps: int = 100
+    max_input_bytes: int = 32 * 2**20  # a fetched URL input
+    send_queue_frames: int = 256  # per connection; a reader slower than this is dropped
+
+    # Timeouts
+    idle_timeout: float = 120.0
+    send_timeout: float = 30.0  # a frame not written within this drops the connection
+    url_timeout: float = 10.0
+    shutdown_grace: float = 30.0
+
+    # Retention
+    session_ttl: float = 120.0
+    output_ttl: float = 3600.0
+    record_ttl: float = 3600.0
+    store_bytes: int = 2 * 2**30
+
+    # Outbound
+    allow_private_networks: bool = False
+    price_per_gpu_hour: float = 0.0
+
+    engine: EngineConfig = field(default_factory=EngineConfig)
+
+    @property
+    def base_url(self) -> str:
+        if self.public_url:
+            return self.public_url.rstrip("/")
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}"
+
+    @property
+    def accepted_models(self) -> set[str]:
+        return {RUNWARE_MODEL_ID, self.engine.model, *self.model_aliases}
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

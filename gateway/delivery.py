@@ -1,0 +1,480 @@
+"""The gateway's core: tasks in, engine requests out, each result delivered exactly once.
+
+:class:`Gateway` owns the engine client, the image store, the sessions and the
+outbound HTTP client. A connection hands it validated tasks; it resolves the input
+image, submits an :class:`~engine.api.UpscaleRequest`, and turns the engine's outputs
+(read by one dispatcher task, keyed by ``request_id``) back into Runware items:
+progress items while it runs, then one terminal item — to the socket for sync tasks
+(or into the session's replay buffer when the socket is gone), to the task record for
+``getResponse``, and to the webhook if one was given.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import logging
+import random
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from engine import codecs
+from engine.api import EngineError, ErrorCode, OutputFormat, Progress, UpscaleRequest, UpscaleResult
+from engine.client import EngineClient, EngineOverloaded, EngineUnavailable
+
+from .config import GatewayConfig
+from .errors import TaskError, internal_error
+from .http import Outbound, OutboundError
+from .images import ImageStore, MemoryImageStore, StoredImage
+from .protocol import GetResponse, ImageUpload, Upscale, data_frame, error_frame
+from .session import Session, SessionStore, TaskRecord
+
+if TYPE_CHECKING:
+    from .connection import Connection
+
+__all__ = ["Gateway"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(eq=False)
+class _Pending:
+    record: TaskRecord
+    task: Upscale
+    future: asyncio.Future
+    connection: Connection
+
+
+class Gateway:
+    def __init__(
+        self,
+        config: GatewayConfig,
+        engine: EngineClient,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        store: ImageStore | None = None,
+        outbound: Outbound | None = None,
+    ) -> None:
+        self.config = config
+        self.engine = engine
+        self.clock = clock
+        self.store = store or MemoryImageStore(config.store_bytes, clock)
+        self.outbound = outbound or Outbound(
+            allow_private=config.allow_private_networks, timeout=config.url_timeout
+        )
+        self.sessions = SessionStore(
+            session_ttl=config.session_ttl, record_ttl=config.record_ttl, clock=clock
+        )
+        self._attached: dict[str, Connection] = {}  # session id → its live connection
+        self._pending: dict[str, _Pending] = {}  # engine request id → task
+        self._jobs: set[asyncio.Task] = set()
+        self._dispatcher: asyncio.Task | None = None
+
+    # Lifecycle
+
+    async def start(self) -> None:
+        await self.engine.start()
+        self._dispatcher = asyncio.create_task(self._dispatch(), name="engine-outputs")
+
+    @property
+    def ready(self) -> bool:
+        return self.engine.ready and self._dispatcher is not None and not self._dispatcher.done()
+
+    @property
+    def busy(self) -> int:
+        """Tasks still being worked on (for graceful shutdown)."""
+        return len(self._jobs)
+
+    async def close(self) -> None:
+        await self.engine.close()
+        if self._dispatcher is not None:
+            await asyncio.wait([self._dispatcher], timeout=5)
+        for job in list(self._jobs):
+            job.cancel()
+        await asyncio.gather(*self._jobs, return_exceptions=True)
+        await self.outbound.aclose()
+
+    def spawn(self, coro) -> None:
+        job = asyncio.create_task(coro)
+        self._jobs.add(job)
+        job.add_done_callback(self._jobs.discard)
+
+    # Sessions and delivery
+
+    def attach(self, session: Session, connection: Connection) -> None:
+        self._attached[session.session_id] = connection
+
+    def detach(self, session: Session, connection: Connection) -> None:
+        if self._attached.get(session.session_id) is connection:
+            del self._attached[session.session_id]
+            self.sessions.detach(session)
+
+    def deliver(self, session: Session, frame: bytes) -> None:
+        """Send ``frame`` on the session's socket, or keep it for when it resumes."""
+        connection = self._attached.get(session.session_id)
+        if connection is None or not connection.send(frame):
+            self.sessions.keep(session, frame)
+
+    def _finish(
+        self, pending_record: TaskRecord, task, *, item: dict | None = None, error: TaskError | None = None
+    ):
+        if not self.sessions.finish(pending_record, item=item, error=error):
+            return
+        if not pending_record.deliver_async:
+            frame = data_frame(item) if error is None else error_frame(error)
+            self.deliver(pending_record.session, frame)
+        webhook = getattr(task, "webhookURL", None)
+        if webhook:
+            body = item if error is None else error.to_wire()
+            self.spawn(self._post_webhook(webhook, body))
+
+    async def _post_webhook(self, url: str, body: dict) -> None:
+        import orjson
+
+        try:
+            await self.outbound.post_json(url, orjson.dumps(body))
+        except OutboundError as exc:
+            logger.warning("webhook for %s failed: %s", body.get("taskUUID"), exc)
+
+    # Upscale
+
+    def submit_upscale(self, connection: Connection, task: Upscale) -> None:
+        """Admit an upscale task (checks that need no I/O happen here, in frame order)."""
+        try:
+            self._check_upscale(connection, task)
+            record = self.sessions.register(
+                connection.api_key,
+                connection.session,
+                task.taskUUID,
+                "imageUpscale",
+                task.deliveryMethod == "async",
+            )
+        except TaskError as error:
+            connection.send(error_frame(error.for_task("imageUpscale", task.taskUUID)))
+            return
+        connection.in_flight += 1
+        if record.deliver_async:
+            connection.send(data_frame({"taskType": "imageUpscale", "taskUUID": task.taskUUID}))
+        self.spawn(self._run_upscale(connection, record, task))
+
+    def _check_upscale(self, connection: Connection, task: Upscale) -> None:
+        if task.model not in self.config.accepted_models:
+            raise TaskError(
+                "invalidModel",
+                f"model {task.model[:100]!r} is not served here; use runware:502@1",
+                parameter="model",
+                type="string",
+            )
+        if task.settings.steps > self.config.max_steps:
+            raise TaskError(
+                "invalidSteps",
+                f"settings.steps is {task.settings.steps}; this server allows at most {self.config.max_steps}",
+                parameter="settings.steps",
+                type="integer",
+            )
+        if connection.in_flight >= self.config.max_in_flight_per_connection:
+            raise TaskError(
+                "rateLimitExceeded",
+                f"this connection already has {connection.in_flight} tasks in flight "
+                f"(limit {self.config.max_in_flight_per_connection}); wait for results before sending more",
+            )
+        if self.sessions.running(connection.api_key) >= self.config.max_in_flight_per_key:
+            raise TaskError(
+                "rateLimitExceeded",
+                f"this API key already has {self.config.max_in_flight_per_key} tasks in flight; "
+                "wait for results before sending more",
+            )
+
+    async def _run_upscale(self, connection: Connection, record: TaskRecord, task: Upscale) -> None:
+        request_id = uuid.uuid4().hex
+        try:
+            await self._check_outbound_urls(task)
+            data, input_uuid = await self.resolve_image(task.image, task.image_field)
+            seed = task.settings.seed if task.settings.seed is not None else random.randrange(2**32)
+            future = asyncio.get_running_loop().create_future()
+            self._pending[request_id] = _Pending(record, task, future, connection)
+            await self._submit(request_id, task, data, seed)
+            output = await future
+            if isinstance(output, EngineError):
+                raise _engine_error(output, task.image_field)
+            item = await self._result_item(task, output, input_uuid)
+            self._finish(record, task, item=item)
+        except TaskError as error:
+            self._finish(record, task, error=error.for_task("imageUpscale", task.taskUUID))
+        except asyncio.CancelledError:
+            self._finish(record, task, error=_shutdown_error(task.taskUUID))
+            raise
+        except Exception:
+            logger.exception("task %s failed", task.taskUUID)
+            self._finish(record, task, error=internal_error("imageUpscale", task.taskUUID))
+        finally:
+            self._pending.pop(request_id, None)
+            connection.in_flight -= 1
+
+    async def _check_outbound_urls(self, task: Upscale) -> None:
+        for field, url in (("webhookURL", task.webhookURL), ("uploadEndpoint", task.uploadEndpoint)):
+            if url is None:
+                continue
+            try:
+                await self.outbound.guard.check(url)
+            except OutboundError as exc:
+                code = f"invalid{field[0].upper()}{field[1:]}"
+                raise TaskError(code, str(exc), parameter=field, type="string") from exc
+
+    async def _submit(self, request_id: str, task: Upscale, data: bytes, seed: int) -> None:
+        request = UpscaleRequest(
+            request_id=request_id,
+            image=data,
+            prompt=task.settings.positivePrompt,
+            negative_prompt=task.settings.negativePrompt,
+            steps=task.settings.steps,
+            cfg_scale=task.settings.CFGScale,
+            clip_skip=task.settings.clipSkip,
+            seed=seed,
+            output_format=OutputFormat(task.outputFormat),
+            output_quality=task.outputQuality,
+            want_progress=True,
+        )
+        try:
+            await self.engine.submit(request)
+        except EngineOverloaded as exc:
+            raise TaskError(
+                "rateLimitExceeded", f"the server is at capacity ({exc}); try again shortly"
+            ) from exc
+        except EngineUnavailable as exc:
+            raise TaskError("internalError", "the engine is not running; try again shortly") from exc
+
+    async def _result_item(self, task: Upscale, result: UpscaleResult, input_uuid: str) -> dict:
+        fmt = result.output_format
+        stored = self.store.put(result.image, fmt.media_type, task.ttl or self.config.output_ttl)
+        if task.uploadEndpoint:
+            try:
+                await self.outbound.put_bytes(task.uploadEndpoint, result.image, fmt.media_type)
+            except OutboundError as exc:
+                raise TaskError(
+                    "uploadFailed",
+                    f"uploading the result to uploadEndpoint failed ({exc}); the image stays retrievable "
+                    f"as {stored.image_uuid} for its TTL",
+                    parameter="uploadEndpoint",
+                    type="string",
+                ) from exc
+        item = {
+            "taskType": "imageUpscale",
+            "taskUUID": task.taskUUID,
+            "status": "success",
+            "imageUUID": stored.image_uuid,
+            "inputImageUUID": input_uuid,
+            "seed": result.seed,
+        }
+        if task.outputType == "URL":
+            item["imageURL"] = self.image_url(stored)
+        elif task.outputType == "base64Data":
+            item["imageBase64Data"] = base64.b64encode(result.image).decode()
+        else:
+            item["imageDataURI"] = f"data:{fmt.media_type};base64,{base64.b64encode(result.image).decode()}"
+        if task.includeCost:
+            item["cost"] = round(result.engine_seconds / 3600 * self.config.price_per_gpu_hour, 8)
+        return item
+
+    def image_url(self, image: StoredImage) -> str:
+        return f"{self.config.base_url}/images/{image.image_uuid}.{image.extension}"
+
+    # Engine outputs
+
+    async def _dispatch(self) -> None:
+        async for output in self.engine.outputs():
+            pending = self._pending.get(output.request_id)
+            if pending is None:
+                continue
+            if isinstance(output, Progress):
+                self._progress(pending, output)
+            elif not pending.future.done():
+                pending.future.set_result(output)
+        # The engine stopped: nothing more will come for what is still pending.
+        for pending in list(self._pending.values()):
+            if not pending.future.done():
+                pending.future.set_result(
+                    EngineError(
+                        "", ErrorCode.ABORTED, "the server is shutting down; the task was not finished"
+                    )
+                )
+
+    def _progress(self, pending: _Pending, progress: Progress) -> None:
+        record = pending.record
+        record.progress = progress.percent
+        if pending.task.includeProgress and not record.deliver_async and not record.finished:
+            item = {
+                "taskType": "imageUpscale",
+                "taskUUID": record.task_uuid,
+                "status": "processing",
+                "progress": progress.percent,
+            }
+            self.deliver(record.session, data_frame(item))
+
+    # Inputs
+
+    async def resolve_image(self, value: str, field: str) -> tuple[bytes, str]:
+        """(bytes, image UUID) of an input given as a stored UUID, data URI, URL or
+        raw base64. New inputs are stored so later tasks can reuse them by UUID."""
+        if _is_uuid(value):
+            stored = self.store.get(value)
+            if stored is None:
+                raise TaskError(
+                    "invalidInputImage",
+                    f"image {value} is unknown or has expired; upload it again",
+                    parameter=field,
+                    type="string",
+                )
+            return stored.data, stored.image_uuid
+        if value.startswith(("http://", "https://")):
+            data = await self._fetch(value, field)
+        else:
+            data = _decode_inline(value, field, self.config.max_input_bytes)
+        media_type = codecs.sniff_media_type(data) or "application/octet-stream"
+        stored = self.store.put(data, media_type, self.config.output_ttl)
+        return data, stored.image_uuid
+
+    async def _fetch(self, url: str, field: str) -> bytes:
+        try:
+            data, _ = await self.outbound.fetch(url, max_bytes=self.config.max_input_bytes)
+        except OutboundError as exc:
+            message = f"could not use the image URL: {exc}"
+            raise TaskError("invalidInputImage", message, parameter=field, type="string") from exc
+        return data
+
+    # Upload and getResponse
+
+    async def upload(self, connection: Connection, task: ImageUpload) -> None:
+        try:
+            data, image_uuid = await self.resolve_image(task.image, "image")
+            await asyncio.to_thread(
+                codecs.decode_image,
+                data,
+                max_pixels=self.config.engine.max_input_pixels,
+                min_side=self.config.engine.min_input_side,
+            )
+        except codecs.ImageError as exc:
+            error = TaskError(str(exc.code), str(exc), parameter="image", type="string")
+            connection.send(error_frame(error.for_task("imageUpload", task.taskUUID)))
+            return
+        except TaskError as error:
+            connection.send(error_frame(error.for_task("imageUpload", task.taskUUID)))
+            return
+        stored = self.store.get(image_uuid)
+        connection.send(
+            data_frame(
+                {
+                    "taskType": "imageUpload",
+                    "taskUUID": task.taskUUID,
+                    "imageUUID": image_uuid,
+                    "imageURL": self.image_url(stored) if stored else None,
+                }
+            )
+        )
+
+    def get_response(self, connection: Connection, task: GetResponse) -> None:
+        record = self.sessions.lookup(connection.api_key, task.taskUUID)
+        if record is None:
+            error = TaskError(
+                "invalidTaskUUID",
+                "no task with this taskUUID is known for this API key (it may have expired)",
+                parameter="taskUUID",
+                type="string",
+                task_type="getResponse",
+                task_uuid=task.taskUUID,
+            )
+            connection.send(error_frame(error))
+        elif record.status == "success":
+            connection.send(data_frame(record.item))
+        elif record.status == "error":
+            connection.send(error_frame(record.error))
+        else:
+            connection.send(
+                data_frame(
+                    {
+                        "taskType": record.task_type,
+                        "taskUUID": record.task_uuid,
+                        "status": "processing",
+                        "progress": record.progress,
+                    }
+                )
+            )
+
+
+def _is_uuid(value: str) -> bool:
+    if len(value) != 36:
+        return False
+    try:
+        uuid.UUID(value)
+    except ValueError:
+        return False
+    return True
+
+
+def _decode_inline(value: str, field: str, max_bytes: int) -> bytes:
+    declared = None
+    if value.startswith("data:"):
+        header, sep, value = value.partition(",")
+        if not sep or not header.endswith(";base64"):
+            raise TaskError(
+                "invalidInputImage",
+                "a data URI must look like data:image/png;base64,<data>",
+                parameter=field,
+                type="string",
+            )
+        declared = header[5:-7].lower()
+        if not declared.startswith("image/"):
+            raise TaskError(
+                "invalidInputImage",
+                f"the data URI's media type {declared!r} is not an image type",
+                parameter=field,
+                type="string",
+            )
+    if len(value) > max_bytes * 4 // 3 + 4:
+        raise TaskError(
+            "invalidInputImage", f"the image is over {max_bytes} bytes", parameter=field, type="string"
+        )
+    try:
+        data = base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise TaskError(
+            "invalidInputImage",
+            "inputImage is not an image UUID, a data URI, an http(s) URL or valid base64",
+            parameter=field,
+            type="string",
+        ) from exc
+    if not data:
+        raise TaskError("invalidInputImage", "the image is empty", parameter=field, type="string")
+    sniffed = codecs.sniff_media_type(data)
+    if declared and sniffed and sniffed != declared and declared != "image/jpg":
+        raise TaskError(
+            "invalidInputImage",
+            f"the data URI says {declared} but the data is {sniffed}",
+            parameter=field,
+            type="string",
+        )
+    return data
+
+
+def _engine_error(error: EngineError, field: str) -> TaskError:
+    if error.code is ErrorCode.INTERNAL:
+        return internal_error()
+    if error.code is ErrorCode.OVERLOADED:
+        return TaskError("rateLimitExceeded", error.message)
+    if error.code is ErrorCode.ABORTED:
+        return TaskError("taskAborted", error.message)
+    code = {"invalidImage": "invalidInputImage"}.get(str(error.code), str(error.code))
+    return TaskError(code, error.message, parameter=field, type="string")
+
+
+def _shutdown_error(task_uuid: str) -> TaskError:
+    return TaskError(
+        "taskAborted",
+        "the server shut down before the task finished",
+        task_type="imageUpscale",
+        task_uuid=task_uuid,
+    )

@@ -1,0 +1,151 @@
+"""``GatewayServer``: wires the engine, the gateway core and websockets together.
+
+WebSocket at ``/``, ``/v1`` and ``/v1/`` (query strings ignored); plain HTTP on the
+same port through websockets' ``process_request``: ``GET /images/{uuid}.{ext}``,
+``GET /healthz`` and ``GET /readyz``.
+
+Shutdown is a procedure, like websockets' ``Server.close()``: stop accepting, let
+in-flight tasks finish within a grace period, close sockets with 1001, stop the engine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from collections.abc import Callable
+
+from websockets.asyncio.server import Server, ServerConnection, serve
+from websockets.datastructures import Headers
+from websockets.http11 import Request, Response
+
+from engine.client import EngineClient, InprocEngineClient
+
+from .config import GatewayConfig, is_loopback
+from .connection import AuthLimiter, Connection
+from .delivery import Gateway
+from .http import Outbound
+
+__all__ = ["GatewayServer"]
+
+logger = logging.getLogger(__name__)
+
+WEBSOCKET_PATHS = ("/", "/v1", "/v1/")
+
+
+class GatewayServer:
+    """``async with GatewayServer(config) as server: ...`` serves until the block ends."""
+
+    def __init__(
+        self,
+        config: GatewayConfig,
+        engine: EngineClient | None = None,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        outbound: Outbound | None = None,
+    ) -> None:
+        if not config.api_keys and not is_loopback(config.host):
+            raise ValueError(
+                f"refusing to serve on {config.host} without an API key: pass --api-key (or set "
+                "LATENT_UPSCALER_API_KEYS); only a loopback host may run without one"
+            )
+        self.config = config
+        self.gateway = Gateway(
+            config, engine or InprocEngineClient(config.engine), clock=clock, outbound=outbound
+        )
+        self.limiter = AuthLimiter(config.auth_failures_per_minute, clock)
+        self.connections: set[Connection] = set()
+        self._server: Server | None = None
+
+    async def __aenter__(self) -> GatewayServer:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()
+
+    @property
+    def port(self) -> int:
+        assert self._server is not None
+        return self._server.sockets[0].getsockname()[1]
+
+    @property
+    def url(self) -> str:
+        return f"ws://{self.config.host}:{self.port}/v1"
+
+    async def start(self) -> None:
+        if not self.config.api_keys:
+            logger.warning("no API key configured: accepting any key (loopback only)")
+        await self.gateway.start()
+        self._server = await serve(
+            self._handle,
+            self.config.host,
+            self.config.port,
+            process_request=self._process_request,
+            max_size=self.config.max_frame_bytes,
+            compression="deflate" if self.config.permessage_deflate else None,
+            server_header="latent-upscale-gateway",
+        )
+        if self.config.port == 0:  # an ephemeral port: URLs must name the real one
+            self.config.port = self.port
+        logger.info("serving on ws://%s:%d/v1", self.config.host, self.port)
+
+    async def close(self, grace: float | None = None) -> None:
+        """Stop accepting, finish in-flight tasks within ``grace`` seconds, then close."""
+        if self._server is None:
+            return
+        grace = self.config.shutdown_grace if grace is None else grace
+        self._server.close(close_connections=False)
+        deadline = time.monotonic() + grace
+        while self.gateway.busy and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        for connection in list(self.connections):
+            # Let queued results reach their clients before the close frame.
+            connection._close_after_flush(1001, "server shutting down")
+        await asyncio.wait_for(self._server.wait_closed(), timeout=10)
+        await self.gateway.close()
+        self._server = None
+
+    async def _handle(self, ws: ServerConnection) -> None:
+        connection = Connection(ws, self.gateway, self.limiter)
+        self.connections.add(connection)
+        try:
+            await connection.run()
+        finally:
+            self.connections.discard(connection)
+
+    # Plain HTTP on the same port
+
+    def _process_request(self, ws: ServerConnection, request: Request) -> Response | None:
+        path = request.path.split("?", 1)[0]
+        is_upgrade = "websocket" in request.headers.get("Upgrade", "").lower()
+        if path in WEBSOCKET_PATHS and is_upgrade:
+            return None
+        if path == "/healthz":
+            return _response(200, b"ok\n", "text/plain")
+        if path == "/readyz":
+            ready = self.gateway.ready
+            return _response(200 if ready else 503, b"ready\n" if ready else b"not ready\n", "text/plain")
+        if path.startswith("/images/"):
+            return self._image(path.removeprefix("/images/"))
+        if path in WEBSOCKET_PATHS:
+            return _response(426, b"this endpoint speaks WebSocket\n", "text/plain")
+        return _response(404, b"not found\n", "text/plain")
+
+    def _image(self, name: str) -> Response:
+        image_uuid = name.rsplit(".", 1)[0]
+        stored = self.gateway.store.get(image_uuid)
+        if stored is None:
+            return _response(404, b"image not found or expired\n", "text/plain")
+        max_age = max(0, math.floor(stored.expires_at - self.gateway.clock()))
+        return _response(200, stored.data, stored.media_type, cache=f"public, max-age={max_age}, immutable")
+
+
+def _response(status: int, body: bytes, content_type: str, cache: str = "no-store") -> Response:
+    from http import HTTPStatus
+
+    headers = Headers(
+        [("Content-Type", content_type), ("Content-Length", str(len(body))), ("Cache-Control", cache)]
+    )
+    return Response(status, HTTPStatus(status).phrase, headers, body)

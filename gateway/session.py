@@ -1,0 +1,164 @@
+"""Sessions and task records: pure state, the clock passed in.
+
+A session is what a client resumes with ``connectionSessionUUID``::
+
+    active ──socket drops──▶ detached ──ttl (120 s)──▶ expired
+       ▲                        │
+       └──authenticates again───┘  (same API key; its undelivered results replay once)
+
+Results for a detached session wait in its replay buffer. A session belongs to the API
+key that opened it: resuming it with another key gets a fresh session.
+
+Task records remember every ``taskUUID`` per API key while it runs and for
+``record_ttl`` after (``getResponse``, ``conflictTaskUUID``).
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections import OrderedDict, deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from .errors import TaskError
+
+__all__ = ["Session", "SessionStore", "TaskRecord"]
+
+
+@dataclass(eq=False)
+class Session:
+    session_id: str
+    api_key: str
+    attached: bool = True
+    detached_at: float | None = None
+    replay: deque[bytes] = field(default_factory=deque)  # frames that found no socket
+
+
+@dataclass(eq=False)
+class TaskRecord:
+    task_uuid: str
+    task_type: str
+    api_key: str
+    session: Session
+    deliver_async: bool
+    status: str = "processing"  # processing → success | error
+    progress: int = 0
+    item: dict | None = None  # the success item
+    error: TaskError | None = None
+    finished_at: float | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.status != "processing"
+
+
+class SessionStore:
+    def __init__(
+        self,
+        *,
+        session_ttl: float = 120.0,
+        record_ttl: float = 3600.0,
+        max_records: int = 100_000,
+        max_replay: int = 1024,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.session_ttl = session_ttl
+        self.record_ttl = record_ttl
+        self.max_records = max_records
+        self.max_replay = max_replay
+        self.clock = clock
+        self._sessions: dict[str, Session] = {}
+        self._records: OrderedDict[tuple[str, str], TaskRecord] = OrderedDict()
+        self._running: dict[str, int] = {}  # API key → unfinished tasks
+
+    # Sessions
+
+    def open(self, api_key: str, resume_id: str | None) -> tuple[Session, list[bytes]]:
+        """Authenticate: resume ``resume_id`` if it is this key's and not expired
+        (returning its undelivered frames, each handed out once), else a new session."""
+        self.expire()
+        session = self._sessions.get(resume_id or "")
+        if session is not None and session.api_key == api_key:
+            session.attached, session.detached_at = True, None
+            frames = list(session.replay)
+            session.replay.clear()
+            return session, frames
+        session = Session(str(uuid.uuid4()), api_key)
+        self._sessions[session.session_id] = session
+        return session, []
+
+    def detach(self, session: Session) -> None:
+        session.attached, session.detached_at = False, self.clock()
+
+    def keep(self, session: Session, frame: bytes) -> None:
+        """Hold a frame for a session whose socket is gone (bounded: oldest dropped)."""
+        session.replay.append(frame)
+        while len(session.replay) > self.max_replay:
+            session.replay.popleft()
+
+    def expire(self) -> None:
+        now = self.clock()
+        for sid in [
+            s.session_id
+            for s in self._sessions.values()
+            if not s.attached and s.detached_at is not None and now - s.detached_at >= self.session_ttl
+        ]:
+            del self._sessions[sid]
+        while self._records:
+            key, record = next(iter(self._records.items()))
+            if (
+                record.finished
+                and record.finished_at is not None
+                and now - record.finished_at >= self.record_ttl
+            ):
+                del self._records[key]
+            else:
+                break
+
+    # Task records
+
+    def register(
+        self, api_key: str, session: Session, task_uuid: str, task_type: str, deliver_async: bool
+    ) -> TaskRecord:
+        """A new task; raises ``conflictTaskUUID`` if this key's ``task_uuid`` is known."""
+        self.expire()
+        key = (api_key, task_uuid)
+        if key in self._records:
+            raise TaskError(
+                "conflictTaskUUID",
+                "a task with this taskUUID is already known; use a new UUID, or getResponse to read its result",
+                parameter="taskUUID",
+                type="string",
+            )
+        record = TaskRecord(task_uuid, task_type, api_key, session, deliver_async)
+        self._records[key] = record
+        self._running[api_key] = self._running.get(api_key, 0) + 1
+        self._bound_records()
+        return record
+
+    def finish(self, record: TaskRecord, *, item: dict | None = None, error: TaskError | None = None) -> bool:
+        """Record the terminal outcome; False if it was already finished (never twice)."""
+        if record.finished:
+            return False
+        record.status = "success" if error is None else "error"
+        record.item, record.error, record.finished_at = item, error, self.clock()
+        record.progress = 100 if error is None else record.progress
+        self._running[record.api_key] -= 1
+        # Finished records move to the end, so expiry walks them in finishing order.
+        self._records.move_to_end((record.api_key, record.task_uuid))
+        return True
+
+    def lookup(self, api_key: str, task_uuid: str) -> TaskRecord | None:
+        self.expire()
+        return self._records.get((api_key, task_uuid))
+
+    def running(self, api_key: str) -> int:
+        return self._running.get(api_key, 0)
+
+    def _bound_records(self) -> None:
+        while len(self._records) > self.max_records:
+            key, record = next(iter(self._records.items()))
+            if not record.finished:
+                break
+            del self._records[key]
