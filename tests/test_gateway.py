@@ -1,0 +1,298 @@
+"""The gateway over real sockets on 127.0.0.1 with the model-free null engine: every
+protocol path this server owns, and the connection still working after each error."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import uuid
+
+import httpx
+import pytest
+from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosed
+
+from engine.client import NullEngineClient
+from gateway.config import GatewayConfig
+from gateway.server import GatewayServer
+from tests.conftest import (
+    Client,
+    FakeClock,
+    client,
+    data_uri,
+    decode_result_image,
+    png_bytes,
+    serving,
+    upscale_task,
+)
+
+
+async def assert_still_works(c: Client) -> None:
+    task = upscale_task()
+    items = await c.run([task])
+    assert items[task["taskUUID"]][-1]["status"] == "success"
+
+
+async def test_ping_before_and_after_authentication(null_server):
+    async with client(null_server, key=None) as c:
+        await c.send([{"taskType": "ping", "ping": True}])
+        assert await c.recv() == {"data": [{"taskType": "ping", "pong": True}]}
+        session = await c.auth()
+        uuid.UUID(session)
+        await c.send([{"taskType": "ping", "ping": True}])
+        assert (await c.recv())["data"][0]["pong"] is True
+
+
+async def test_tasks_before_authentication_are_refused(null_server):
+    async with client(null_server, key=None) as c:
+        task = upscale_task()
+        error = await c.error([task])
+        assert error["code"] == "notAuthenticated"
+        assert error["taskUUID"] == task["taskUUID"] and error["taskType"] == "imageUpscale"
+        await c.auth()
+        await assert_still_works(c)
+
+
+async def test_api_keys_are_checked_and_retries_allowed():
+    async with (
+        serving(api_keys=("right",), engine=NullEngineClient()) as server,
+        client(server, key=None) as c,
+    ):
+        error = await c.error([{"taskType": "authentication"}])
+        assert (error["code"], error["parameter"], error["taskType"]) == (
+            "missingApiKey",
+            "apiKey",
+            "authentication",
+        )
+        assert "taskUUID" not in error
+        error = await c.error([{"taskType": "authentication", "apiKey": "wrong"}])
+        assert error["code"] == "invalidApiKey"
+        await c.auth("right")
+        await assert_still_works(c)
+
+
+async def test_repeated_auth_failures_close_the_socket_and_limit_the_peer():
+    config = GatewayConfig(port=0, api_keys=("right",), max_auth_failures=2, auth_failures_per_minute=3)
+    async with serving(config, engine=NullEngineClient()) as server:
+        async with client(server, key=None) as c:
+            for _ in range(2):
+                assert (await c.error([{"taskType": "authentication", "apiKey": "x"}]))[
+                    "code"
+                ] == "invalidApiKey"
+            with pytest.raises(ConnectionClosed):
+                await c.recv(5)
+        async with client(server, key=None) as c:
+            assert (await c.error([{"taskType": "authentication", "apiKey": "x"}]))["code"] == "invalidApiKey"
+        async with client(server, key=None) as c:  # the peer is now over its limit, even with the right key
+            error = await c.error([{"taskType": "authentication", "apiKey": "right"}])
+            assert error["code"] == "rateLimitExceeded"
+
+
+def test_a_public_host_without_keys_refuses_to_start():
+    with pytest.raises(ValueError, match="without an API key"):
+        GatewayServer(GatewayConfig(host="0.0.0.0"), NullEngineClient())
+
+
+@pytest.mark.parametrize(
+    ("frame", "code"),
+    [
+        ("not json", "invalidJSON"),
+        ('{"taskType": "ping"}', "invalidPayload"),
+        ("[]", "invalidPayload"),
+        ("[1, 2]", "invalidPayload"),
+        (b"\x00binary", "invalidPayload"),
+        ("[" + ",".join(['{"taskType":"ping"}'] * 257) + "]", "invalidPayload"),
+    ],
+    ids=["not-json", "not-array", "empty", "non-objects", "binary", "too-many"],
+)
+async def test_frame_errors(null_server, frame, code):
+    async with client(null_server) as c:
+        error = await c.error(frame)
+        assert error["code"] == code
+        await assert_still_works(c)
+
+
+TASK_ERRORS = [
+    ({"taskUUID": None}, "missingTaskUUID", "taskUUID"),
+    ({"taskUUID": "not-a-uuid"}, "invalidTaskUUID", "taskUUID"),
+    ({"taskType": "imageInference"}, "unsupportedTaskType", "taskType"),
+    ({"model": None}, "missingModel", "model"),
+    ({"model": "civitai:1@1"}, "invalidModel", "model"),
+    ({"inputImage": None}, "missingInputImage", "inputImage"),
+    ({"inputs": {"image": "x"}}, "invalidInputImage", "inputImage"),
+    ({"upscaleFactor": 4}, "invalidUpscaleFactor", "upscaleFactor"),
+    ({"numberResults": 2}, "unsupportedNumberResults", "numberResults"),
+    ({"settings": {"steps": 0}}, "invalidSteps", "settings.steps"),
+    ({"settings": {"steps": 101}}, "invalidSteps", "settings.steps"),
+    ({"settings": {"steps": "5"}}, "invalidSteps", "settings.steps"),
+    ({"settings": {"CFGScale": -1}}, "invalidCFGScale", "settings.CFGScale"),
+    ({"settings": {"seed": -5}}, "invalidSeed", "settings.seed"),
+    ({"settings": {"clipSkip": 5}}, "invalidClipSkip", "settings.clipSkip"),
+    ({"settings": {"positivePrompt": 7}}, "invalidPositivePrompt", "settings.positivePrompt"),
+    ({"outputType": "file"}, "invalidOutputType", "outputType"),
+    ({"outputFormat": "GIF"}, "invalidOutputFormat", "outputFormat"),
+    ({"outputQuality": 10}, "invalidOutputQuality", "outputQuality"),
+    ({"deliveryMethod": "carrier-pigeon"}, "invalidDeliveryMethod", "deliveryMethod"),
+    ({"ttl": 10}, "invalidTTL", "ttl"),
+    ({"includeCost": "yes"}, "invalidIncludeCost", "includeCost"),
+    ({"inputImage": "%%% not base64 %%%"}, "invalidInputImage", "inputImage"),
+    ({"inputImage": str(uuid.uuid4())}, "invalidInputImage", "inputImage"),
+    ({"inputImage": data_uri(png_bytes(8, 8), "text/plain")}, "invalidInputImage", "inputImage"),
+    ({"inputImage": data_uri(png_bytes(8, 8), "image/jpeg")}, "invalidInputImage", "inputImage"),
+    ({"inputImage": base64.b64encode(b"just some text").decode()}, "invalidInputImage", "inputImage"),
+    ({"inputImage": "http://127.0.0.1:9/x.png"}, "invalidInputImage", "inputImage"),
+    ({"webhookURL": "http://10.0.0.1/hook"}, "invalidWebhookURL", "webhookURL"),
+    ({"uploadEndpoint": "ftp://example.com/x"}, "invalidUploadEndpoint", "uploadEndpoint"),
+]
+
+
+@pytest.mark.parametrize(("change", "code", "parameter"), TASK_ERRORS, ids=[c for _, c, _ in TASK_ERRORS])
+async def test_task_errors(null_server, change, code, parameter):
+    task = upscale_task()
+    for key, value in change.items():
+        if value is None:
+            task.pop(key)
+        elif key == "settings":
+            task["settings"].update(value)
+        else:
+            task[key] = value
+    async with client(null_server) as c:
+        await c.send([task])
+        frame = await c.recv()
+        assert "errors" in frame, frame
+        error = frame["errors"][0]
+        assert (error["code"], error["parameter"]) == (code, parameter), error
+        assert error.get("taskUUID") == task.get("taskUUID")
+        assert error.get("message")
+        await assert_still_works(c)
+
+
+async def test_a_frame_mixing_valid_and_invalid_tasks(null_server):
+    good = [upscale_task() for _ in range(3)]
+    bad = upscale_task(outputQuality=5)
+    async with client(null_server) as c:
+        seen = await c.run([good[0], bad, good[1], {"taskType": "ping"}, good[2]])
+    for task in good:
+        assert [i["status"] for i in seen[task["taskUUID"]]] == ["success"]
+    assert seen[bad["taskUUID"]][0]["code"] == "invalidOutputQuality"
+
+
+async def test_a_hundred_tasks_each_answered_once():
+    tasks = [upscale_task() for _ in range(100)]
+    async with (
+        serving(max_in_flight_per_connection=100, engine=NullEngineClient()) as server,
+        client(server) as c,
+    ):
+        seen = await c.run(tasks)
+        assert await c.quiet() == []
+    assert all(len(seen[t["taskUUID"]]) == 1 for t in tasks)
+    assert all(seen[t["taskUUID"]][0]["status"] == "success" for t in tasks)
+
+
+async def test_conflicting_task_uuid(null_server):
+    task = upscale_task()
+    async with client(null_server) as c:
+        await c.run([task])
+        error = await c.error([task])
+        assert (error["code"], error["taskUUID"]) == ("conflictTaskUUID", task["taskUUID"])
+        await assert_still_works(c)
+
+
+async def test_in_flight_limit_per_connection():
+    async with (
+        serving(max_in_flight_per_connection=2, engine=NullEngineClient()) as server,
+        client(server) as c,
+    ):
+        tasks = [upscale_task() for _ in range(5)]
+        seen = await c.run(tasks)
+        codes = [seen[t["taskUUID"]][0].get("code", "ok") for t in tasks]
+        assert codes == ["ok", "ok", "rateLimitExceeded", "rateLimitExceeded", "rateLimitExceeded"]
+        await assert_still_works(c)
+
+
+async def test_output_types_and_formats(null_server):
+    async with client(null_server) as c:
+        tasks = [
+            upscale_task(outputType="base64Data", outputFormat="png"),
+            upscale_task(outputType="dataURI", outputFormat="WEBP"),
+            upscale_task(outputType="URL", outputFormat="JPG"),
+        ]
+        seen = await c.run(tasks)
+    b64, uri, url = (seen[t["taskUUID"]][0] for t in tasks)
+    assert decode_result_image(b64).format == "PNG" and decode_result_image(b64).size == (80, 48)
+    assert uri["imageDataURI"].startswith("data:image/webp;base64,")
+    async with httpx.AsyncClient() as http:
+        response = await http.get(url["imageURL"])
+    assert response.status_code == 200 and response.headers["content-type"] == "image/jpeg"
+    assert "max-age" in response.headers["cache-control"]
+
+
+async def test_upload_then_upscale_by_uuid_and_reuse_outputs(null_server):
+    async with client(null_server) as c:
+        upload = {
+            "taskType": "imageUpload",
+            "taskUUID": str(uuid.uuid4()),
+            "image": data_uri(png_bytes(30, 20)),
+        }
+        await c.send([upload])
+        item = (await c.recv())["data"][0]
+        assert item["taskUUID"] == upload["taskUUID"] and item["imageURL"].endswith(".png")
+        first = upscale_task(item["imageUUID"])
+        result = (await c.run([first]))[first["taskUUID"]][0]
+        assert result["inputImageUUID"] == item["imageUUID"]
+        again = upscale_task(inputs={"image": result["imageUUID"]})
+        del again["inputImage"]
+        second = (await c.run([again]))[again["taskUUID"]][0]
+        assert decode_result_image(second).size == (120, 80)
+        bad = {"taskType": "imageUpload", "taskUUID": str(uuid.uuid4()), "image": data_uri(b"GIF89a-garbage")}
+        error = await c.error([bad])
+        assert error["taskUUID"] == bad["taskUUID"] and error["code"].startswith("invalid")
+
+
+async def test_async_delivery_and_get_response_from_another_connection(null_server):
+    task = upscale_task(deliveryMethod="async")
+    async with client(null_server) as first, client(null_server) as second:
+        await first.send([task])
+        assert await first.recv() == {"data": [{"taskType": "imageUpscale", "taskUUID": task["taskUUID"]}]}
+        assert await first.quiet() == []  # the result is not pushed
+        await second.send([{"taskType": "getResponse", "taskUUID": task["taskUUID"]}])
+        item = (await second.recv())["data"][0]
+        assert item["status"] == "success" and item["taskUUID"] == task["taskUUID"]
+        error = await second.error([{"taskType": "getResponse", "taskUUID": str(uuid.uuid4())}])
+        assert (error["code"], error["parameter"]) == ("invalidTaskUUID", "taskUUID")
+    async with client(null_server, key="another-key") as other:
+        error = await other.error([{"taskType": "getResponse", "taskUUID": task["taskUUID"]}])
+        assert error["code"] == "invalidTaskUUID"
+
+
+async def test_http_endpoints(null_server):
+    base = f"http://127.0.0.1:{null_server.port}"
+    async with httpx.AsyncClient() as http:
+        assert (await http.get(base + "/healthz")).status_code == 200
+        assert (await http.get(base + "/readyz")).status_code == 200
+        assert (await http.get(base + f"/images/{uuid.uuid4()}.png")).status_code == 404
+        assert (await http.get(base + "/nothing")).status_code == 404
+
+
+async def test_outputs_expire_after_their_ttl():
+    clock = FakeClock()
+    async with serving(engine=NullEngineClient(), clock=clock) as server, client(server) as c:
+        task = upscale_task(outputType="URL", ttl=60)
+        url = (await c.run([task]))[task["taskUUID"]][0]["imageURL"]
+        async with httpx.AsyncClient() as http:
+            assert (await http.get(url)).status_code == 200
+            clock.advance(61)
+            assert (await http.get(url)).status_code == 404
+
+
+async def test_idle_connections_are_closed():
+    async with serving(idle_timeout=0.3, engine=NullEngineClient()) as server, connect(server.url) as ws:
+        with pytest.raises(ConnectionClosed):
+            await asyncio.wait_for(ws.recv(), 5)
+
+
+async def test_paths_and_query_strings_are_accepted(null_server):
+    for path in ("/", "/v1/", "/v1?sdk=js&version=1.3.2"):
+        async with connect(f"ws://127.0.0.1:{null_server.port}{path}") as ws:
+            c = Client(ws)
+            await c.auth()
