@@ -51,7 +51,7 @@ class GatewayConfig:
 
     # Outbound
     allow_private_networks: bool = False
-    price_per_gpu_hour: float = 0.0
+    price_per_gpu_hour: float = 2.0  # USD; the basis of `cost`
 
     engine: EngineConfig = field(default_factory=EngineConfig)
 
