@@ -75,8 +75,8 @@ class Workload:
             "upscaleFactor": 2,
             "outputType": template.get("outputType", "base64Data"),
             "outputFormat": template.get("outputFormat", "JPG"),
-            "includeProgress": True,
-            "includeCost": True,
+            "includeProgress": template.get("includeProgress", True),
+            "includeCost": template.get("includeCost", True),
             "settings": {
                 "steps": steps,
                 "CFGScale": template.get("CFGScale", 1.0),

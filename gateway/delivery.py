@@ -237,7 +237,8 @@ class Gateway:
             seed=seed,
             output_format=OutputFormat(task.outputFormat),
             output_quality=task.outputQuality,
-            want_progress=True,
+            # Progress feeds includeProgress items and getResponse polls; skip it otherwise.
+            want_progress=task.includeProgress or task.deliveryMethod == "async",
         )
         try:
             await self.engine.submit(request)

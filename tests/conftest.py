@@ -126,9 +126,11 @@ class Client:
 
 
 @contextlib.asynccontextmanager
-async def serving(config: GatewayConfig | None = None, engine=None, clock=None, **overrides):
+async def serving(config: GatewayConfig | None = None, engine=None, clock=None, outbound=None, **overrides):
     config = config or GatewayConfig(port=0, **overrides)
     kwargs = {"clock": clock} if clock else {}
+    if outbound is not None:
+        kwargs["outbound"] = outbound
     server = GatewayServer(config, engine, **kwargs)
     await server.start()
     try:
@@ -150,3 +152,59 @@ async def client(server: GatewayServer, key: str | None = "test-key"):
 async def null_server():
     async with serving(engine=NullEngineClient()) as server:
         yield server
+
+
+class LocalHTTP:
+    """A real HTTP server on 127.0.0.1 that serves files and records what it receives."""
+
+    def __init__(self) -> None:
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        self.files: dict[str, tuple[bytes, str]] = {}
+        self.received: list[tuple[str, str, str | None, bytes]] = []
+        self.fail_next = 0
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def _receive(self):
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                outer.received.append((self.command, self.path, self.headers.get("Content-Type"), body))
+                status = 500 if outer.fail_next > 0 else 200
+                outer.fail_next = max(0, outer.fail_next - 1)
+                self.send_response(status)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            do_POST = do_PUT = _receive
+
+            def do_GET(self):
+                if self.path.startswith("/redirect"):
+                    self.send_response(302)
+                    self.send_header("Location", self.path.split("to=", 1)[1])
+                    self.end_headers()
+                    return
+                body, media_type = outer.files.get(self.path, (b"not found", "text/plain"))
+                self.send_response(200 if self.path in outer.files else 404)
+                self.send_header("Content-Type", media_type)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+
+
+@pytest.fixture
+def local_http():
+    server = LocalHTTP()
+    yield server
+    server.close()
