@@ -24,3 +24,29 @@ def test_engine_throughput_smoke(tmp_path):
     assert run["model"] == "tiny"
     assert run["engine"]["tasks"] == run["stock"]["tasks"] == 6
     assert run["engine"]["unet_calls"] < run["stock"]["unet_calls"]
+
+
+def test_serving_strategies_smoke(tmp_path):
+    out = tmp_path / "strategies.json"
+    subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "serving_strategies.py"), "--smoke", "--out", str(out)],
+        check=True,
+        timeout=900,
+        capture_output=True,
+    )
+    report = json.loads(out.read_text())
+    assert set(report["results"]) == {"continuous", "static", "stock"}
+    assert report["all_exactly_once"]
+    assert out.with_suffix(".png").stat().st_size > 0
+
+
+def test_gateway_overhead_smoke(tmp_path):
+    out = tmp_path / "overhead.json"
+    subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "gateway_overhead.py"), "--smoke", "--out", str(out)],
+        check=True,
+        timeout=300,
+        capture_output=True,
+    )
+    report = json.loads(out.read_text())
+    assert report["all_exactly_once"] and report["throughput_ratio"] > 0
