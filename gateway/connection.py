@@ -87,12 +87,14 @@ class Connection:
 
     # Sending
 
-    def send(self, frame: bytes) -> bool:
+    def send(self, frame: bytes, *, replay: bool = False) -> bool:
         """Queue a frame; False if this connection can no longer take it (closed, or its
-        reader is too slow, in which case it is dropped)."""
+        reader is too slow, in which case it is dropped). A session's replay is queued
+        whole (the session bounds it), so a resume never trips the slow-reader limit."""
         if self._closed or self._close_when_flushed is not None:
             return False
-        if len(self._queue) >= self.config.send_queue_frames or self._queued_bytes > _MAX_QUEUED_BYTES:
+        too_many = len(self._queue) >= self.config.send_queue_frames and not replay
+        if too_many or self._queued_bytes > _MAX_QUEUED_BYTES:
             logger.warning("dropping a client that does not read (%d frames queued)", len(self._queue))
             self._drop(1008, "client is not reading its results; resume the session to receive them")
             return False
@@ -225,7 +227,8 @@ class Connection:
         self.gateway.attach(session, self)
         self.send(data_frame({"taskType": "authentication", "connectionSessionUUID": session.session_id}))
         for frame in replay:
-            self.gateway.deliver(session, frame)
+            if not self.send(frame, replay=True):
+                self.gateway.sessions.keep(session, frame)
 
     def _key_accepted(self, key: str) -> bool:
         keys = self.config.api_keys

@@ -78,6 +78,9 @@ class GatewayServer:
         if not self.config.api_keys:
             logger.warning("no API key configured: accepting any key (loopback only)")
         await self.gateway.start()
+        # websockets logs every frame at DEBUG, API keys and images included: never below INFO.
+        ws_logger = logging.getLogger("gateway.websockets")
+        ws_logger.setLevel(max(logging.INFO, ws_logger.getEffectiveLevel()))
         self._server = await serve(
             self._handle,
             self.config.host,
@@ -86,6 +89,7 @@ class GatewayServer:
             max_size=self.config.max_frame_bytes,
             compression="deflate" if self.config.permessage_deflate else None,
             server_header="latent-upscale-gateway",
+            logger=ws_logger,
         )
         if self.config.port == 0:  # an ephemeral port: URLs must name the real one
             self.config.port = self.port
