@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -50,3 +52,30 @@ def test_gateway_overhead_smoke(tmp_path):
     )
     report = json.loads(out.read_text())
     assert report["all_exactly_once"] and report["throughput_ratio"] > 0
+
+
+@pytest.mark.soak
+def test_short_soak(tmp_path):
+    """20 s-sized soak: random hang-ups and resumes, every task answered exactly once.
+    RSS growth is bounded loosely here (short runs are noisy); the full run asks < 10 %."""
+    out = tmp_path / "soak.json"
+    subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "soak.py"),
+            "--duration",
+            "8",
+            "--connections",
+            "5",
+            "--drop-rate",
+            "0.1",
+            "--out",
+            str(out),
+        ],
+        timeout=300,
+        capture_output=True,
+    )
+    report = json.loads(out.read_text())
+    assert report["tasks"] > 10 and report["drops_and_resumes"] > 0
+    assert report["unanswered"] == 0 and report["answered_more_than_once"] == 0
+    assert report["rss_growth_pct"] < 25
