@@ -24,10 +24,12 @@ def _env_name(flag: str) -> str:
     return ENV_PREFIX + flag.lstrip("-").replace("-", "_").upper()
 
 
-def _flag(group, flag: str, *, type=str, default=None, help: str, **kw) -> None:
-    env = _env_name(flag)
+def _flag(group, flag: str, *, type=str, default=None, help: str, env: str | None = None, **kw) -> None:
+    env = env or _env_name(flag)
     raw = os.environ.get(env)
-    if raw is not None:
+    if raw is not None and kw.get("action") == "append":
+        default = [item.strip() for item in raw.split(",") if item.strip()]
+    elif raw is not None:
         default = raw.lower() in ("1", "true", "yes", "on") if type is bool else type(raw)
     if type is bool:
         group.add_argument(
@@ -74,8 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
     _flag(
         g,
         "--api-key",
-        help="accepted API key (repeatable; env LATENT_UPSCALER_API_KEYS, comma-separated). Without any, "
+        help="accepted API key (repeatable; the variable takes a comma-separated list). Without any, "
         "a loopback host accepts every key and another host refuses to start",
+        env="LATENT_UPSCALER_API_KEYS",
         action="append",
     )
     g = s.add_argument_group("batching")
@@ -119,11 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def config_from_args(args: argparse.Namespace) -> GatewayConfig:
     keys = list(args.api_key or [])
-    if not keys and os.environ.get("LATENT_UPSCALER_API_KEYS"):
-        keys = [k.strip() for k in os.environ["LATENT_UPSCALER_API_KEYS"].split(",") if k.strip()]
-    aliases = args.model_alias or []
-    if isinstance(aliases, str):
-        aliases = [a.strip() for a in aliases.split(",")]
+    aliases = list(args.model_alias or [])
     engine = EngineConfig(
         model=args.model,
         revision=args.revision,

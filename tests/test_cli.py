@@ -1,0 +1,44 @@
+"""The command line: every flag has an environment variable; flags win."""
+
+from __future__ import annotations
+
+from gateway.__main__ import build_parser, config_from_args
+
+
+def parse(argv, monkeypatch, **env):
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    return config_from_args(build_parser().parse_args(["serve", *argv]))
+
+
+def test_defaults(monkeypatch):
+    config = parse([], monkeypatch)
+    assert (config.host, config.port, config.api_keys) == ("127.0.0.1", 8787, ())
+    assert config.engine.model == "stabilityai/sd-x2-latent-upscaler"
+
+
+def test_environment_and_flags(monkeypatch):
+    config = parse(
+        ["--port", "9000", "--model-alias", "my-upscaler"],
+        monkeypatch,
+        LATENT_UPSCALER_API_KEYS="a, b",
+        LATENT_UPSCALER_PORT="9100",
+        LATENT_UPSCALER_MODEL="tiny",
+        LATENT_UPSCALER_ALLOW_PRIVATE_NETWORKS="true",
+        LATENT_UPSCALER_MAX_STEPS="50",
+    )
+    assert config.api_keys == ("a", "b")
+    assert config.port == 9000  # the flag wins
+    assert config.engine.model == "tiny" and config.allow_private_networks
+    assert config.max_steps == config.engine.max_steps == 50
+    assert "my-upscaler" in config.accepted_models and "runware:502@1" in config.accepted_models
+
+
+def test_help_names_every_variable(capsys):
+    parser = build_parser()
+    sub = parser._subparsers._group_actions[0].choices["serve"]
+    text = sub.format_help()
+    for action in sub._actions:
+        if action.option_strings and action.dest != "help":
+            assert "LATENT_UPSCALER_" in (action.help or ""), action.dest
+    assert "LATENT_UPSCALER_API_KEYS" in text
