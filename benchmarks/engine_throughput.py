@@ -156,6 +156,7 @@ def main() -> None:
     parser.add_argument("--max-batch-rows", type=int, default=16)
     parser.add_argument("--device", default=None)
     parser.add_argument("--dtype", default=None)
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: cores - 1)")
     parser.add_argument("--smoke", action="store_true", help="tiny model, 6 requests, 2–4 steps")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "engine_throughput.json"))
     args = parser.parse_args()
@@ -165,7 +166,7 @@ def main() -> None:
     if args.smoke:
         models, count, steps = ["tiny"], 6, (2, 4)
 
-    report = {"machine": platform.platform(), "torch_threads": torch.get_num_threads(), "runs": []}
+    report = {"machine": platform.platform(), "torch_threads": args.threads or "cores - 1", "runs": []}
     print(
         f"{'model':8} {'strategy':34} {'tasks/s':>9} {'UNet calls':>11} {'p50 s':>8} {'p99 s':>8} {'ratio':>7}"
     )
@@ -177,6 +178,7 @@ def main() -> None:
             dtype=args.dtype,
             max_batch_rows=args.max_batch_rows,
             max_queue=10_000,
+            torch_threads=args.threads,
         )
         jobs = workload(model, count, steps)
         stock = run_stock(config, jobs)

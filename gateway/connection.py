@@ -114,7 +114,8 @@ class Connection:
                 await self._wakeup.wait()
             frame = self._queue[0]
             try:
-                await asyncio.wait_for(self.ws.send(frame, text=True), self.config.send_timeout)
+                async with asyncio.timeout(self.config.send_timeout):
+                    await self.ws.send(frame, text=True)
             except (ConnectionClosed, TimeoutError):
                 self._drop(1008, "send timed out")
                 return
@@ -148,12 +149,12 @@ class Connection:
         try:
             while not self._closed:
                 try:
-                    message = await asyncio.wait_for(self.ws.recv(), self.config.idle_timeout)
+                    async with asyncio.timeout(self.config.idle_timeout):
+                        message = await self.ws.recv()
                 except TimeoutError:
                     await self.ws.close(1000, "idle timeout")
                     break
                 self.handle(message)
-                await asyncio.sleep(0)  # let the writer run between frames
         except ConnectionClosed:
             pass
         finally:

@@ -69,7 +69,8 @@ class SessionStore:
         self.max_replay = max_replay
         self.clock = clock
         self._sessions: dict[str, Session] = {}
-        self._records: OrderedDict[tuple[str, str], TaskRecord] = OrderedDict()
+        self._records: dict[tuple[str, str], TaskRecord] = {}
+        self._finished: OrderedDict[tuple[str, str], TaskRecord] = OrderedDict()  # in finishing order
         self._running: dict[str, int] = {}  # API key → unfinished tasks
 
     # Sessions
@@ -145,8 +146,8 @@ class SessionStore:
         record.item, record.error, record.finished_at = item, error, self.clock()
         record.progress = 100 if error is None else record.progress
         self._running[record.api_key] -= 1
-        # Finished records move to the end, so expiry walks them in finishing order.
-        self._records.move_to_end((record.api_key, record.task_uuid))
+        self._finished[(record.api_key, record.task_uuid)] = record
+        self._bound_records()
         return True
 
     def lookup(self, api_key: str, task_uuid: str) -> TaskRecord | None:
@@ -157,8 +158,7 @@ class SessionStore:
         return self._running.get(api_key, 0)
 
     def _bound_records(self) -> None:
-        while len(self._records) > self.max_records:
-            key, record = next(iter(self._records.items()))
-            if not record.finished:
-                break
+        """Forget the oldest finished records beyond ``max_records`` (running ones stay)."""
+        while len(self._records) > self.max_records and self._finished:
+            key, _ = self._finished.popitem(last=False)
             del self._records[key]

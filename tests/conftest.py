@@ -22,6 +22,33 @@ from gateway.server import GatewayServer
 TINY = EngineConfig(model="tiny", device="cpu", dtype="fp32", max_batch_rows=16)
 
 
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def serve_command(port: int, *extra: str) -> list[str]:
+    """``python -m gateway serve`` on the tiny model, for tests that need a real process."""
+    import sys
+
+    return [
+        sys.executable,
+        "-m",
+        "gateway",
+        "serve",
+        "--model",
+        "tiny",
+        "--device",
+        "cpu",
+        "--port",
+        str(port),
+        *extra,
+    ]
+
+
 class FakeClock:
     """A monotonic clock that tests move by hand."""
 

@@ -7,9 +7,7 @@ import asyncio
 import base64
 import io
 import logging
-import struct
 import uuid
-import zlib
 
 import numpy as np
 import pytest
@@ -18,6 +16,7 @@ from websockets.exceptions import ConnectionClosed
 
 from engine.client import NullEngineClient
 from tests.conftest import client, data_uri, decode_result_image, serving, upscale_task
+from tests.test_codecs import bomb_png
 from tests.test_gateway import assert_still_works
 
 
@@ -25,19 +24,6 @@ def encode(image: Image.Image, fmt: str, **kw) -> bytes:
     buf = io.BytesIO()
     image.save(buf, format=fmt, **kw)
     return buf.getvalue()
-
-
-def png_declaring(width: int, height: int) -> bytes:
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return (
-        b"\x89PNG\r\n\x1a\n"
-        + chunk(b"IHDR", ihdr)
-        + chunk(b"IDAT", zlib.compress(b"\0" * 64))
-        + chunk(b"IEND", b"")
-    )
 
 
 def animated_gif() -> bytes:
@@ -53,8 +39,8 @@ NOISE = encode(Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 40
 IMAGES = {
     "non-image bytes": (b"%PDF-1.4 definitely not an image", "invalidInputImage", None),
     "truncated png": (NOISE[: len(NOISE) // 2], "invalidInputImage", None),
-    "decompression bomb": (png_declaring(20000, 20000), "invalidImageSize", None),
-    "zero-sized png": (png_declaring(0, 0), "invalidInputImage", None),
+    "decompression bomb": (bomb_png(20000, 20000), "invalidImageSize", None),
+    "zero-sized png": (bomb_png(0, 0), "invalidInputImage", None),
     "one pixel": (encode(Image.new("RGB", (1, 1)), "PNG"), "invalidImageDimensions", None),
     "animated gif": (animated_gif(), "invalidInputImage", None),
     "cmyk jpeg": (encode(Image.new("CMYK", (20, 10), (0, 50, 100, 0)), "JPEG"), None, (40, 20)),

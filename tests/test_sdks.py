@@ -11,9 +11,7 @@ from __future__ import annotations
 import json
 import shutil
 import signal
-import socket
 import subprocess
-import sys
 import time
 import venv
 from pathlib import Path
@@ -21,7 +19,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import png_bytes
+from tests.conftest import free_port, png_bytes, serve_command
 
 pytestmark = pytest.mark.sdk
 
@@ -83,34 +81,13 @@ def _node_env() -> Path:
     return folder
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def live_server(tmp_path_factory):
-    port = _free_port()
+    port = free_port()
     log_path = tmp_path_factory.mktemp("server") / "server.log"
     log = log_path.open("w")
     process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "gateway",
-            "serve",
-            "--model",
-            "tiny",
-            "--device",
-            "cpu",
-            "--port",
-            str(port),
-            "--api-key",
-            API_KEY,
-            "--log-level",
-            "WARNING",
-        ],
+        serve_command(port, "--api-key", API_KEY, "--log-level", "WARNING"),
         cwd=ROOT,
         stdout=log,
         stderr=subprocess.STDOUT,

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -15,38 +14,14 @@ import httpx
 import orjson
 from websockets.asyncio.client import connect
 
-from tests.conftest import data_uri, png_bytes, upscale_task
+from tests.conftest import data_uri, free_port, png_bytes, serve_command, upscale_task
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def start_server(port: int, *extra: str) -> subprocess.Popen:
-    return subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "gateway",
-            "serve",
-            "--model",
-            "tiny",
-            "--device",
-            "cpu",
-            "--port",
-            str(port),
-            "--log-level",
-            "WARNING",
-            *extra,
-        ],
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-    )
+    command = serve_command(port, "--log-level", "WARNING", *extra)
+    return subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
 
 
 async def wait_ready(port: int, process: subprocess.Popen) -> None:
