@@ -5,7 +5,7 @@ server can do (parse the array, reply one item per task), in one run.
     python benchmarks/gateway_overhead.py            # ~1 minute
     python benchmarks/gateway_overhead.py --smoke    # a few seconds
 
-Reports, for each server: saturated throughput (closed loop) and p50/p99 latency at a
+The load generator runs in a process of its own. Reports, for each server: saturated throughput (closed loop) and p50/p99 latency at a
 fixed offered rate (open loop, default 1,000 tasks/s), and the ratios. Writes JSON to
 benchmarks/results/gateway_overhead.json.
 """
@@ -17,6 +17,7 @@ import asyncio
 import json
 import logging
 import sys
+import tempfile
 from pathlib import Path
 
 import orjson
@@ -25,25 +26,12 @@ from websockets.asyncio.server import serve
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.loadgen import HEADER, Workload, exactly_once, print_row, run_load  # noqa: E402
+from benchmarks.loadgen import HEADER, exactly_once, print_row  # noqa: E402
 from engine.client import NullEngineClient  # noqa: E402
 from gateway.config import GatewayConfig  # noqa: E402
 from gateway.server import GatewayServer  # noqa: E402
 
-WORKLOAD = Workload(
-    name="overhead",
-    mix=[
-        {
-            "width": 16,
-            "height": 16,
-            "steps": 1,
-            "outputType": "base64Data",
-            "outputFormat": "PNG",
-            "includeProgress": False,
-            "includeCost": False,
-        }
-    ],
-)
+WORKLOAD = ROOT / "benchmarks" / "workloads" / "overhead.json"
 
 
 async def _echo_handler(ws) -> None:
@@ -64,29 +52,48 @@ async def _echo_handler(ws) -> None:
             await ws.send(orjson.dumps({"data": [reply]}), text=True)
 
 
-async def measure(url: str, tasks: int, rate: float, connections: int, concurrency: int) -> dict:
-    await run_load(
-        url, "bench", WORKLOAD, tasks=min(200, tasks), connections=connections, concurrency=concurrency
-    )
-    saturated = await run_load(
-        url, "bench", WORKLOAD, tasks=tasks, connections=connections, concurrency=concurrency
-    )
-    paced = await run_load(url, "bench", WORKLOAD, tasks=tasks, connections=connections, rate=rate)
-    return {"saturated": saturated, "paced": paced}
+async def load(url: str, tasks: int, args, **mode) -> dict:
+    """Run the load generator in its own process, so the server keeps a core to itself."""
+    with tempfile.NamedTemporaryFile(suffix=".json") as out:
+        command = [
+            sys.executable,
+            str(ROOT / "benchmarks" / "loadgen.py"),
+            "--url",
+            url,
+            "--workload",
+            str(WORKLOAD),
+            "--tasks",
+            str(tasks),
+            "--connections",
+            str(args.connections),
+            "--out",
+            out.name,
+        ]
+        command += (
+            ["--rate", str(mode["rate"])] if "rate" in mode else ["--concurrency", str(args.concurrency)]
+        )
+        process = await asyncio.create_subprocess_exec(*command, stdout=asyncio.subprocess.DEVNULL)
+        if await process.wait() != 0:
+            raise RuntimeError(f"the load generator failed: {command}")
+        return json.loads(Path(out.name).read_text())
+
+
+async def measure(url: str, args) -> dict:
+    await load(url, min(200, args.tasks), args)  # warm-up
+    return {
+        "saturated": await load(url, args.tasks, args),
+        "paced": await load(url, args.tasks, args, rate=args.rate),
+    }
 
 
 async def main_async(args) -> dict:
     results = {}
     async with serve(_echo_handler, "127.0.0.1", 0, compression=None, max_size=2**25) as echo:
         port = echo.sockets[0].getsockname()[1]
-        results["echo"] = await measure(
-            f"ws://127.0.0.1:{port}/v1", args.tasks, args.rate, args.connections, args.concurrency
-        )
+        results["echo"] = await measure(f"ws://127.0.0.1:{port}/v1", args)
     config = GatewayConfig(port=0, max_in_flight_per_connection=10_000, max_in_flight_per_key=100_000)
     async with GatewayServer(config, NullEngineClient()) as server:
-        results["gateway"] = await measure(
-            server.url, args.tasks, args.rate, args.connections, args.concurrency
-        )
+        results["gateway"] = await measure(server.url, args)
     return results
 
 

@@ -122,7 +122,9 @@ class Gateway:
     def _finish(
         self, pending_record: TaskRecord, task, *, item: dict | None = None, error: TaskError | None = None
     ):
-        if not self.sessions.finish(pending_record, item=item, error=error):
+        # The record keeps the item without its image payload (getResponse rebuilds it from
+        # the image store), so an hour of task records never holds an hour of images.
+        if not self.sessions.finish(pending_record, item=_without_payload(item), error=error):
             return
         if not pending_record.deliver_async:
             frame = data_frame(item) if error is None else error_frame(error)
@@ -281,6 +283,20 @@ class Gateway:
             item["cost"] = round(result.engine_seconds / 3600 * self.config.price_per_gpu_hour, 8)
         return item
 
+    def _with_payload(self, item: dict) -> dict:
+        """A success item as first sent: base64/data URI payloads come back from the store."""
+        kind = item.get("_payload")
+        if kind is None:
+            return item
+        item = {k: v for k, v in item.items() if k != "_payload"}
+        stored = self.store.get(item["imageUUID"])
+        if stored is not None:
+            encoded = base64.b64encode(stored.data).decode()
+            item[kind] = (
+                encoded if kind == "imageBase64Data" else f"data:{stored.media_type};base64,{encoded}"
+            )
+        return item
+
     def image_url(self, image: StoredImage) -> str:
         return f"{self.config.base_url}/images/{image.image_uuid}.{image.extension}"
 
@@ -390,7 +406,7 @@ class Gateway:
             )
             connection.send(error_frame(error))
         elif record.status == "success":
-            connection.send(data_frame(record.item))
+            connection.send(data_frame(self._with_payload(record.item)))
         elif record.status == "error":
             connection.send(error_frame(record.error))
         else:
@@ -404,6 +420,15 @@ class Gateway:
                     }
                 )
             )
+
+
+def _without_payload(item: dict | None) -> dict | None:
+    if item is None:
+        return None
+    for kind in ("imageBase64Data", "imageDataURI"):
+        if kind in item:
+            return {**{k: v for k, v in item.items() if k != kind}, "_payload": kind}
+    return item
 
 
 def _is_uuid(value: str) -> bool:

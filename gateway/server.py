@@ -11,6 +11,7 @@ in-flight tasks finish within a grace period, close sockets with 1001, stop the 
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import math
 import time
@@ -78,6 +79,12 @@ class GatewayServer:
         if not self.config.api_keys:
             logger.warning("no API key configured: accepting any key (loopback only)")
         await self.gateway.start()
+        # The loaded model is millions of long-lived objects: keep them out of the cyclic
+        # collector's scans, whose full passes would otherwise show up as latency spikes.
+        gc.collect()
+        gc.freeze()
+        # Per-task garbage is acyclic and freed by reference counting; collect cycles rarely.
+        gc.set_threshold(50_000, 50, 1000)
         # websockets logs every frame at DEBUG, API keys and images included: never below INFO.
         ws_logger = logging.getLogger("gateway.websockets")
         ws_logger.setLevel(max(logging.INFO, ws_logger.getEffectiveLevel()))

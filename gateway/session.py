@@ -72,6 +72,7 @@ class SessionStore:
         self._records: dict[tuple[str, str], TaskRecord] = {}
         self._finished: OrderedDict[tuple[str, str], TaskRecord] = OrderedDict()  # in finishing order
         self._running: dict[str, int] = {}  # API key → unfinished tasks
+        self._expired_at = float("-inf")
 
     # Sessions
 
@@ -99,7 +100,11 @@ class SessionStore:
             session.replay.popleft()
 
     def expire(self) -> None:
+        """Drop expired sessions and records; cheap to call often (runs at most once a second)."""
         now = self.clock()
+        if now - self._expired_at < 1.0:
+            return
+        self._expired_at = now
         for sid in [
             s.session_id
             for s in self._sessions.values()

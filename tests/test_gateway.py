@@ -296,3 +296,16 @@ async def test_paths_and_query_strings_are_accepted(null_server):
         async with connect(f"ws://127.0.0.1:{null_server.port}{path}") as ws:
             c = Client(ws)
             await c.auth()
+
+
+async def test_get_response_returns_the_base64_payload_without_records_holding_it(null_server):
+    task = upscale_task(deliveryMethod="async", outputType="base64Data")
+    async with client(null_server) as c:
+        await c.send([task])
+        await c.recv()  # acknowledgement
+        await asyncio.sleep(0.2)
+        await c.send([{"taskType": "getResponse", "taskUUID": task["taskUUID"]}])
+        item = (await c.recv())["data"][0]
+    assert decode_result_image(item).size == (80, 48) and "_payload" not in item
+    record = null_server.gateway.sessions.lookup("test-key", task["taskUUID"])
+    assert "imageBase64Data" not in record.item
