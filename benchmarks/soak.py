@@ -132,6 +132,8 @@ async def main_async(args) -> dict:
     config = GatewayConfig(
         port=0,
         max_in_flight_per_key=10_000,
+        output_ttl=args.retention,
+        record_ttl=args.retention,
         engine=EngineConfig(model=args.model, device=args.device, dtype=args.dtype, max_batch_rows=32),
     )
     images = {size: _data_uri(*size, i) for i, size in enumerate(SIZES)}
@@ -144,7 +146,7 @@ async def main_async(args) -> dict:
                     server.url,
                     images,
                     warm,
-                    time.monotonic() + min(5, args.duration / 4),
+                    time.monotonic() + args.warmup,
                     0.0,
                     random.Random(rng.random()),
                 )
@@ -175,6 +177,7 @@ async def main_async(args) -> dict:
         "lost_at_hang_up_then_queried": len(tally.queried),
         "unanswered": len(missing),
         "answered_more_than_once": len(doubled),
+        "retention_s": args.retention,
         "rss_after_warmup_mib": round(rss_start, 1),
         "rss_end_mib": round(rss_end, 1),
         "rss_growth_pct": round(100 * (rss_end - rss_start) / rss_start, 2),
@@ -188,6 +191,13 @@ def main() -> None:
     parser.add_argument("--duration", type=float, default=60)
     parser.add_argument("--connections", type=int, default=20)
     parser.add_argument("--drop-rate", type=float, default=0.03, help="chance to hang up right after a send")
+    parser.add_argument("--warmup", type=float, default=15, help="seconds of load before RSS is first read")
+    parser.add_argument(
+        "--retention",
+        type=float,
+        default=10,
+        help="output and record TTL, s: short, so memory reaches steady state",
+    )
     parser.add_argument("--model", default="tiny")
     parser.add_argument("--device")
     parser.add_argument("--dtype")

@@ -47,6 +47,7 @@ class MemoryImageStore(ImageStore):
         self._clock = clock
         self._images: OrderedDict[str, StoredImage] = OrderedDict()  # insertion order = age
         self.bytes = 0
+        self._swept = clock()
 
     def put(self, data: bytes, media_type: str, ttl: float, image_uuid: str | None = None) -> StoredImage:
         image = StoredImage(image_uuid or str(uuid.uuid4()), data, media_type, self._clock() + ttl)
@@ -74,9 +75,11 @@ class MemoryImageStore(ImageStore):
             self.bytes -= len(old.data)
 
     def _evict(self) -> None:
-        if self.bytes <= self.max_bytes:
-            return
+        """Expired images go at least once a second; over the budget, expired then oldest."""
         now = self._clock()
+        if self.bytes <= self.max_bytes and now - self._swept < 1.0:
+            return
+        self._swept = now
         for key in [k for k, v in self._images.items() if v.expires_at <= now]:
             self._drop(key)
         while self.bytes > self.max_bytes and len(self._images) > 1:

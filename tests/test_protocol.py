@@ -82,3 +82,12 @@ def test_image_store_ttl_and_byte_budget():
     d = store.put(b"d" * 40, "image/png", ttl=1000)  # then the oldest
     assert store.get(b.image_uuid) is None and store.get(d.image_uuid)
     assert store.bytes <= 100
+
+
+def test_expired_images_are_swept_without_being_asked_for():
+    clock = FakeClock()
+    store = MemoryImageStore(max_bytes=10**9, clock=clock)
+    old = store.put(b"x" * 1000, "image/png", ttl=5)
+    clock.advance(6)
+    store.put(b"y", "image/png", ttl=5)
+    assert old.image_uuid not in store._images and store.bytes == 1
