@@ -144,7 +144,7 @@ def main() -> None:
     args = parser.parse_args()
     args.strategies, args.loads = STRATEGIES, LOADS
     if args.smoke:
-        args.model, args.tasks, args.loads, args.concurrency = "tiny", 8, (0.5, 0.95), 8
+        args.model, args.tasks, args.loads, args.concurrency = "tiny", 5, (0.5, 0.95), 5
         args.workload = args.workload or str(ROOT / "benchmarks" / "workloads" / "smoke.json")
     args.workload = args.workload or str(ROOT / "benchmarks" / "workloads" / f"{args.model}.json")
     logging.basicConfig(level=logging.ERROR)
