@@ -18,6 +18,8 @@ from engine.config import DEFAULT_MODEL, EngineConfig
 from .config import GatewayConfig
 
 ENV_PREFIX = "LATENT_UPSCALER_"
+BATCHING = ("continuous", "static")
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
 
 def _env_name(flag: str) -> str:
@@ -84,7 +86,11 @@ def build_parser() -> argparse.ArgumentParser:
     g = s.add_argument_group("batching")
     _flag(g, "--max-batch-rows", type=int, default=16, help="UNet rows per call (a CFG task takes two)")
     _flag(
-        g, "--batching", default="continuous", help="'continuous' (step-level) or 'static' (for comparison)"
+        g,
+        "--batching",
+        default="continuous",
+        choices=BATCHING,
+        help="'continuous' (step-level) or 'static' (for comparison)",
     )
     _flag(
         g,
@@ -116,11 +122,22 @@ def build_parser() -> argparse.ArgumentParser:
         help="allow image URLs/webhooks to private hosts",
     )
     _flag(g, "--price-per-gpu-hour", type=float, default=2.0, help="basis of `cost` (includeCost)")
-    _flag(g, "--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR")
+    _flag(
+        g,
+        "--log-level",
+        default="INFO",
+        type=str.upper,
+        choices=LOG_LEVELS,
+        help="DEBUG, INFO, WARNING or ERROR",
+    )
     return parser
 
 
 def config_from_args(args: argparse.Namespace) -> GatewayConfig:
+    # argparse checks `choices` only on the command line, not on defaults read from the
+    # environment: check those here (a ValueError is a clear one-line error in main()).
+    if args.batching not in BATCHING:
+        raise ValueError(f"--batching (LATENT_UPSCALER_BATCHING) must be one of {', '.join(BATCHING)}")
     keys = list(args.api_key or [])
     aliases = list(args.model_alias or [])
     engine = EngineConfig(
@@ -176,9 +193,11 @@ async def serve_until_signalled(config: GatewayConfig) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    level = args.log_level.upper()
+    if level not in LOG_LEVELS:
+        print(f"latent-upscaler: --log-level must be one of {', '.join(LOG_LEVELS)}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from engine.loader import ModelLoadError
 
     try:

@@ -18,9 +18,10 @@ from typing import TYPE_CHECKING
 
 from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
+from websockets.protocol import State
 
 from .config import is_loopback
-from .errors import TaskError
+from .errors import TaskError, internal_error
 from .protocol import (
     Authentication,
     GetResponse,
@@ -41,6 +42,15 @@ __all__ = ["AuthLimiter", "Connection"]
 logger = logging.getLogger(__name__)
 
 _MAX_QUEUED_BYTES = 256 * 2**20
+# Half of the high-water mark of websockets' default write_limit (32 KiB).
+_NO_WAIT_BYTES = 16 * 2**10
+_MAX_BATCH_FRAMES = 64
+_PONG = data_frame({"taskType": "ping", "pong": True})
+
+
+def _write_buffer_empty(ws) -> bool:
+    transport = getattr(ws, "transport", None)  # stand-ins in tests may have none
+    return transport is not None and transport.get_write_buffer_size() == 0
 
 
 class AuthLimiter:
@@ -80,6 +90,7 @@ class Connection:
         self.in_flight = 0
         self.auth_failures = 0
         self._queue: deque[bytes] = deque()
+        self._sending: list[bytes] = []  # taken off the queue, not yet fully sent
         self._queued_bytes = 0
         self._wakeup = asyncio.Event()
         self._closed = False
@@ -87,10 +98,12 @@ class Connection:
 
     # Sending
 
-    def send(self, frame: bytes, *, replay: bool = False) -> bool:
+    def send(self, frame: bytes, *, replay: bool = False, urgent: bool = False) -> bool:
         """Queue a frame; False if this connection can no longer take it (closed, or its
         reader is too slow, in which case it is dropped). A session's replay is queued
-        whole (the session bounds it), so a resume never trips the slow-reader limit."""
+        whole (the session bounds it), so a resume never trips the slow-reader limit.
+        An ``urgent`` frame (a pong) goes ahead of queued results: the JS SDK counts a
+        pong later than 10 s as missed and reconnects, so pong latency beats order."""
         if self._closed or self._close_when_flushed is not None:
             return False
         too_many = len(self._queue) >= self.config.send_queue_frames and not replay
@@ -98,9 +111,29 @@ class Connection:
             logger.warning("dropping a client that does not read (%d frames queued)", len(self._queue))
             self._drop(1008, "client is not reading its results; resume the session to receive them")
             return False
-        self._queue.append(frame)
+        if not self._queue and not self._sending and self._write_now(frame):
+            return True
+        if urgent:
+            self._queue.appendleft(frame)
+        else:
+            self._queue.append(frame)
         self._queued_bytes += len(frame)
         self._wakeup.set()
+        return True
+
+    def _write_now(self, frame: bytes) -> bool:
+        """Write ``frame`` at once if that cannot block: nothing queued or being written
+        (checked by the caller, so order holds), a small frame and an empty socket buffer.
+        The common case, and one event-loop hop cheaper than waking the writer.
+
+        Minor layering violation: this is what websockets' ``send()`` does for a text
+        frame when ``send_context()`` finds the connection open and no drain is needed.
+        """
+        ws = self.ws
+        if len(frame) > _NO_WAIT_BYTES or not _write_buffer_empty(ws) or ws.protocol.state is not State.OPEN:
+            return False
+        ws.protocol.send_text(frame)
+        ws.transport.write(b"".join(ws.protocol.data_to_send()))
         return True
 
     async def _writer(self) -> None:
@@ -112,15 +145,52 @@ class Connection:
                     return
                 self._wakeup.clear()
                 await self._wakeup.wait()
-            frame = self._queue[0]
+            # Taken off the queue before sending (so an urgent frame may go ahead of the
+            # rest), but counted as unsent until the send completes: if it fails, they are
+            # the first frames handed back to the session.
+            batch = self._sending = self._take_batch()
+            size = sum(map(len, batch))
             try:
-                async with asyncio.timeout(self.config.send_timeout):
-                    await self.ws.send(frame, text=True)
+                if size <= _NO_WAIT_BYTES and _write_buffer_empty(self.ws):
+                    # Into an empty buffer, frames under the write limit's high-water mark
+                    # cannot make the send wait for drain, so they need no timeout (whose
+                    # set-up costs about as much as the send itself).
+                    await self._write(batch)
+                else:
+                    async with asyncio.timeout(self.config.send_timeout):
+                        await self._write(batch)
             except (ConnectionClosed, TimeoutError):
                 self._drop(1008, "send timed out")
                 return
-            self._queue.popleft()
-            self._queued_bytes -= len(frame)
+            self._sending = []
+            self._queued_bytes -= size
+
+    def _take_batch(self) -> list[bytes]:
+        """The next frame, with the small frames queued behind it when the socket can
+        take them in one write (a real websockets connection, not a test stand-in)."""
+        batch = [self._queue.popleft()]
+        if not self._queue or not _write_buffer_empty(self.ws):
+            return batch
+        size = len(batch[0])
+        while self._queue and len(batch) < _MAX_BATCH_FRAMES:
+            size += len(self._queue[0])
+            if size > _NO_WAIT_BYTES:
+                break
+            batch.append(self._queue.popleft())
+        return batch
+
+    async def _write(self, batch: list[bytes]) -> None:
+        if len(batch) == 1:
+            await self.ws.send(batch[0], text=True)
+            return
+        # Several frames in one transport.write, hence one system call: on loopback
+        # and under load the call, not the framing, is the cost of a small result.
+        # Minor layering violation: this is websockets' own send() for a text frame,
+        # with send_context()'s per-frame writes joined into one.
+        async with self.ws.send_context():
+            for frame in batch:
+                self.ws.protocol.send_text(frame)
+            self.ws.transport.write(b"".join(self.ws.protocol.data_to_send()))
 
     def _drop(self, code: int, reason: str) -> None:
         if self._closed:
@@ -137,32 +207,45 @@ class Connection:
     def _return_unsent(self) -> None:
         """Frames that never left go back to the session, in order."""
         if self.session is not None:
-            for frame in self._queue:
-                self.gateway.sessions.keep(self.session, frame)
+            for frame in [*self._sending, *self._queue]:
+                if frame is not _PONG:  # a pong is for this socket only
+                    self.gateway.sessions.keep(self.session, frame)
+        self._sending = []
         self._queue.clear()
         self._queued_bytes = 0
 
     # Receiving
 
     async def run(self) -> None:
+        loop = asyncio.get_running_loop()
         writer = asyncio.create_task(self._writer())
+        # Idle close: one timer that re-arms itself from the time of the last frame,
+        # rather than a timeout set up and torn down around every recv().
+        self._last_frame_at = loop.time()
+        self._idle_timer = loop.call_at(self._last_frame_at + self.config.idle_timeout, self._check_idle)
         try:
             while not self._closed:
-                try:
-                    async with asyncio.timeout(self.config.idle_timeout):
-                        message = await self.ws.recv()
-                except TimeoutError:
-                    await self.ws.close(1000, "idle timeout")
-                    break
+                message = await self.ws.recv()
+                self._last_frame_at = loop.time()
                 self.handle(message)
         except ConnectionClosed:
             pass
         finally:
             self._closed = True
+            self._idle_timer.cancel()
             writer.cancel()
             self._return_unsent()
             if self.session is not None:
                 self.gateway.detach(self.session, self)
+
+    def _check_idle(self) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = self._last_frame_at + self.config.idle_timeout
+        if loop.time() < deadline:
+            self._idle_timer = loop.call_at(deadline, self._check_idle)
+        elif not self._closed:
+            # recv() then raises ConnectionClosed and run() ends as for any other close.
+            self.gateway.spawn(self.ws.close(1000, "idle timeout"))
 
     def handle(self, message: str | bytes) -> None:
         """Answer one frame: each task on its own, in order."""
@@ -175,8 +258,8 @@ class Connection:
                 self._dispatch(task)
             except Exception:
                 logger.exception("handling a task failed")
-                uuid_ = getattr(task, "taskUUID", None)
-                self.send(error_frame(TaskError("internalError", "internal server error", task_uuid=uuid_)))
+                task_type = "imageUpscale" if isinstance(task, Upscale) else getattr(task, "taskType", None)
+                self.send(error_frame(internal_error(task_type, getattr(task, "taskUUID", None))))
             if self._closed:
                 return
 
@@ -184,7 +267,7 @@ class Connection:
         if isinstance(task, TaskError):
             self.send(error_frame(task))
         elif isinstance(task, Ping):
-            self.send(data_frame({"taskType": "ping", "pong": True}))
+            self.send(_PONG, urgent=True)
         elif isinstance(task, Authentication):
             self._authenticate(task)
         elif self.session is None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import itertools
 import logging
 import random
 import time
@@ -43,10 +44,12 @@ logger = logging.getLogger(__name__)
 
 @dataclass(eq=False)
 class _Pending:
+    """An upscale the engine is working on, until its terminal output arrives."""
+
     record: TaskRecord
     task: Upscale
-    future: asyncio.Future
     connection: Connection
+    input_uuid: str = ""
 
 
 class Gateway:
@@ -71,6 +74,7 @@ class Gateway:
         )
         self._attached: dict[str, Connection] = {}  # session id → its live connection
         self._pending: dict[str, _Pending] = {}  # engine request id → task
+        self._request_ids = itertools.count()
         self._jobs: set[asyncio.Task] = set()
         self._dispatcher: asyncio.Task | None = None
 
@@ -87,7 +91,7 @@ class Gateway:
     @property
     def busy(self) -> int:
         """Tasks still being worked on (for graceful shutdown)."""
-        return len(self._jobs)
+        return len(self._jobs) + len(self._pending)
 
     async def close(self) -> None:
         await self.engine.close()
@@ -192,30 +196,67 @@ class Gateway:
             )
 
     async def _run_upscale(self, connection: Connection, record: TaskRecord, task: Upscale) -> None:
-        request_id = uuid.uuid4().hex
+        """Resolve the input and admit the task to the engine. From then on the
+        dispatcher owns it (:meth:`_complete`): no coroutine waits per running task."""
+        request_id = f"r{next(self._request_ids)}"  # unique in this process, which is all it needs
+        pending = _Pending(record, task, connection)
         try:
             await self._check_outbound_urls(task)
-            data, input_uuid = await self.resolve_image(task.image, task.image_field)
+            data, pending.input_uuid = await self.resolve_image(task.image, task.image_field)
             seed = task.settings.seed if task.settings.seed is not None else random.randrange(2**32)
-            future = asyncio.get_running_loop().create_future()
-            self._pending[request_id] = _Pending(record, task, future, connection)
+            # Registered before submit(): an engine may answer before submit() returns.
+            self._pending[request_id] = pending
             await self._submit(request_id, task, data, seed)
-            output = await future
-            if isinstance(output, EngineError):
-                raise _engine_error(output, task.image_field)
-            item = await self._result_item(task, output, input_uuid)
-            self._finish(record, task, item=item)
-        except TaskError as error:
-            self._finish(record, task, error=error.for_task("imageUpscale", task.taskUUID))
-        except asyncio.CancelledError:
-            self._finish(record, task, error=_shutdown_error(task.taskUUID))
-            raise
-        except Exception:
-            logger.exception("task %s failed", task.taskUUID)
-            self._finish(record, task, error=internal_error("imageUpscale", task.taskUUID))
-        finally:
+        except BaseException as exc:
+            # Not admitted (submit() never consumes the id on failure): end it here.
             self._pending.pop(request_id, None)
-            connection.in_flight -= 1
+            self._end(pending, exc)
+            if not isinstance(exc, Exception):  # cancelled (shutdown), or worse
+                raise
+
+    def _complete(self, pending: _Pending, output: UpscaleResult | EngineError) -> None:
+        """The engine's terminal output for a task: build its item and deliver it."""
+        if isinstance(output, UpscaleResult) and pending.task.uploadEndpoint:
+            self.spawn(self._complete_after_upload(pending, output))
+            return
+        try:
+            if isinstance(output, EngineError):
+                raise _engine_error(output, pending.task.image_field)
+            stored = self._store_output(pending.task, output)
+            item = self._result_item(pending.task, output, stored, pending.input_uuid)
+        except Exception as exc:
+            self._end(pending, exc)
+        else:
+            self._end(pending, item=item)
+
+    async def _complete_after_upload(self, pending: _Pending, result: UpscaleResult) -> None:
+        """The uploadEndpoint gets the bytes before the result is reported."""
+        try:
+            stored = self._store_output(pending.task, result)
+            await self._upload(pending.task, result, stored)
+            item = self._result_item(pending.task, result, stored, pending.input_uuid)
+        except BaseException as exc:
+            self._end(pending, exc)
+            if not isinstance(exc, Exception):
+                raise
+        else:
+            self._end(pending, item=item)
+
+    def _end(self, pending: _Pending, exc: BaseException | None = None, *, item: dict | None = None) -> None:
+        """The one terminal item of a task: ``item``, or the error ``exc`` stands for."""
+        task = pending.task
+        pending.connection.in_flight -= 1
+        if exc is None:
+            self._finish(pending.record, task, item=item)
+            return
+        if isinstance(exc, TaskError):
+            error = exc.for_task("imageUpscale", task.taskUUID)
+        elif isinstance(exc, asyncio.CancelledError):
+            error = _shutdown_error(task.taskUUID)
+        else:
+            logger.error("task %s failed", task.taskUUID, exc_info=exc)
+            error = internal_error("imageUpscale", task.taskUUID)
+        self._finish(pending.record, task, error=error)
 
     async def _check_outbound_urls(self, task: Upscale) -> None:
         for field, url in (("webhookURL", task.webhookURL), ("uploadEndpoint", task.uploadEndpoint)):
@@ -251,20 +292,26 @@ class Gateway:
         except EngineUnavailable as exc:
             raise TaskError("internalError", "the engine is not running; try again shortly") from exc
 
-    async def _result_item(self, task: Upscale, result: UpscaleResult, input_uuid: str) -> dict:
+    def _store_output(self, task: Upscale, result: UpscaleResult) -> StoredImage:
+        ttl = task.ttl or self.config.output_ttl
+        return self.store.put(result.image, result.output_format.media_type, ttl)
+
+    async def _upload(self, task: Upscale, result: UpscaleResult, stored: StoredImage) -> None:
+        try:
+            await self.outbound.put_bytes(task.uploadEndpoint, result.image, stored.media_type)
+        except OutboundError as exc:
+            raise TaskError(
+                "uploadFailed",
+                f"uploading the result to uploadEndpoint failed ({exc}); the image stays retrievable "
+                f"as {stored.image_uuid} for its TTL",
+                parameter="uploadEndpoint",
+                type="string",
+            ) from exc
+
+    def _result_item(
+        self, task: Upscale, result: UpscaleResult, stored: StoredImage, input_uuid: str
+    ) -> dict:
         fmt = result.output_format
-        stored = self.store.put(result.image, fmt.media_type, task.ttl or self.config.output_ttl)
-        if task.uploadEndpoint:
-            try:
-                await self.outbound.put_bytes(task.uploadEndpoint, result.image, fmt.media_type)
-            except OutboundError as exc:
-                raise TaskError(
-                    "uploadFailed",
-                    f"uploading the result to uploadEndpoint failed ({exc}); the image stays retrievable "
-                    f"as {stored.image_uuid} for its TTL",
-                    parameter="uploadEndpoint",
-                    type="string",
-                ) from exc
         item = {
             "taskType": "imageUpscale",
             "taskUUID": task.taskUUID,
@@ -303,22 +350,25 @@ class Gateway:
     # Engine outputs
 
     async def _dispatch(self) -> None:
+        """Route each engine output to its task by ``request_id``; a terminal one
+        completes the task here, once (it leaves ``_pending`` as it is taken)."""
         async for output in self.engine.outputs():
-            pending = self._pending.get(output.request_id)
+            if isinstance(output, Progress):
+                pending = self._pending.get(output.request_id)
+                if pending is not None:
+                    self._progress(pending, output)
+                continue
+            pending = self._pending.pop(output.request_id, None)
             if pending is None:
                 continue
-            if isinstance(output, Progress):
-                self._progress(pending, output)
-            elif not pending.future.done():
-                pending.future.set_result(output)
+            try:
+                self._complete(pending, output)
+            except Exception:  # a bug here must not stop the delivery of every other task
+                logger.exception("delivering task %s failed", pending.task.taskUUID)
         # The engine stopped: nothing more will come for what is still pending.
-        for pending in list(self._pending.values()):
-            if not pending.future.done():
-                pending.future.set_result(
-                    EngineError(
-                        "", ErrorCode.ABORTED, "the server is shutting down; the task was not finished"
-                    )
-                )
+        stopped = "the server is shutting down; the task was not finished"
+        for request_id in list(self._pending):
+            self._complete(self._pending.pop(request_id), EngineError(request_id, ErrorCode.ABORTED, stopped))
 
     def _progress(self, pending: _Pending, progress: Progress) -> None:
         record = pending.record

@@ -32,6 +32,7 @@ class Session:
     api_key: str
     attached: bool = True
     detached_at: float | None = None
+    expired: bool = False  # past its TTL: forgotten, and keeps nothing more
     replay: deque[bytes] = field(default_factory=deque)  # frames that found no socket
 
 
@@ -94,7 +95,11 @@ class SessionStore:
         session.attached, session.detached_at = False, self.clock()
 
     def keep(self, session: Session, frame: bytes) -> None:
-        """Hold a frame for a session whose socket is gone (bounded: oldest dropped)."""
+        """Hold a frame for a session whose socket is gone (bounded: oldest dropped).
+        An expired session can never be resumed, so it keeps nothing (its task records
+        still point at it, and would otherwise hold the frames for the record TTL)."""
+        if session.expired:
+            return
         session.replay.append(frame)
         while len(session.replay) > self.max_replay:
             session.replay.popleft()
@@ -110,17 +115,17 @@ class SessionStore:
             for s in self._sessions.values()
             if not s.attached and s.detached_at is not None and now - s.detached_at >= self.session_ttl
         ]:
-            del self._sessions[sid]
-        while self._records:
-            key, record = next(iter(self._records.items()))
-            if (
-                record.finished
-                and record.finished_at is not None
-                and now - record.finished_at >= self.record_ttl
-            ):
-                del self._records[key]
-            else:
+            session = self._sessions.pop(sid)
+            session.expired = True
+            session.replay.clear()
+        # Finished records leave in finishing order; running ones are never in _finished,
+        # so a long task cannot hold back the expiry of those that finished after it.
+        while self._finished:
+            key, record = next(iter(self._finished.items()))
+            if record.finished_at is not None and now - record.finished_at < self.record_ttl:
                 break
+            del self._finished[key]
+            self._records.pop(key, None)
 
     # Task records
 
@@ -151,6 +156,8 @@ class SessionStore:
         record.item, record.error, record.finished_at = item, error, self.clock()
         record.progress = 100 if error is None else record.progress
         self._running[record.api_key] -= 1
+        if not self._running[record.api_key]:
+            del self._running[record.api_key]
         self._finished[(record.api_key, record.task_uuid)] = record
         self._bound_records()
         return True
@@ -166,4 +173,4 @@ class SessionStore:
         """Forget the oldest finished records beyond ``max_records`` (running ones stay)."""
         while len(self._records) > self.max_records and self._finished:
             key, _ = self._finished.popitem(last=False)
-            del self._records[key]
+            self._records.pop(key, None)

@@ -175,6 +175,42 @@ async def client(server: GatewayServer, key: str | None = "test-key"):
         yield c
 
 
+class HeldEngineClient(NullEngineClient):
+    """The null engine, except that requests wait in :attr:`held` until :meth:`release`:
+    a task stays in flight for as long as a test needs."""
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.held: list = []
+        self.holding = True
+
+    def _finish(self, request) -> None:
+        if self.holding:
+            self.held.append(request)
+        else:
+            super()._finish(request)
+
+    def release(self, *, stop_holding: bool = False) -> None:
+        """Answer every held request, in order; with ``stop_holding``, later ones at once."""
+        self.holding = not stop_holding
+        held, self.held = self.held, []
+        for request in held:
+            super()._finish(request)
+
+    async def abort(self, request_ids) -> None:
+        ids = set(request_ids)
+        self.held = [r for r in self.held if r.request_id not in ids]
+        await super().abort(ids)
+
+
+async def wait_until(condition, timeout: float = 10.0) -> None:
+    """Poll ``condition()`` until true (fails the test after ``timeout`` seconds)."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        await asyncio.sleep(0.01)
+
+
 @pytest.fixture
 async def null_server():
     async with serving(engine=NullEngineClient()) as server:

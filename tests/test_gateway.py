@@ -18,12 +18,14 @@ from gateway.server import GatewayServer
 from tests.conftest import (
     Client,
     FakeClock,
+    HeldEngineClient,
     client,
     data_uri,
     decode_result_image,
     png_bytes,
     serving,
     upscale_task,
+    wait_until,
 )
 
 
@@ -163,6 +165,7 @@ async def test_task_errors(null_server, change, code, parameter):
         error = frame["errors"][0]
         assert (error["code"], error["parameter"]) == (code, parameter), error
         assert error.get("taskUUID") == task.get("taskUUID")
+        assert error["taskType"] == ("imageInference" if code == "unsupportedTaskType" else "imageUpscale")
         assert error.get("message")
         await assert_still_works(c)
 
@@ -309,3 +312,114 @@ async def test_get_response_returns_the_base64_payload_without_records_holding_i
     assert decode_result_image(item).size == (80, 48) and "_payload" not in item
     record = null_server.gateway.sessions.lookup("test-key", task["taskUUID"])
     assert "imageBase64Data" not in record.item
+
+
+# Sessions, resume and limits, with an engine that holds results until told
+
+
+async def test_a_dropped_client_resumes_and_receives_missed_results_once():
+    engine = HeldEngineClient()
+    async with serving(engine=engine) as server:
+        tasks = [upscale_task(), upscale_task(outputType="URL")]
+        async with client(server, key=None) as c:
+            session = await c.auth("k1")
+            await c.send(tasks)
+            await wait_until(lambda: len(engine.held) == 2)
+        # The socket is gone while both tasks run; they finish into the session.
+        await wait_until(lambda: not server.gateway._attached)
+        engine.release(stop_holding=True)
+        await wait_until(lambda: len(server.gateway.sessions._sessions[session].replay) == 2)
+        async with client(server, key=None) as c:
+            assert await c.auth("k1", session) == session  # the auth reply comes first
+            seen = await c.collect({t["taskUUID"] for t in tasks})
+            assert await c.quiet() == []
+            assert all([i["status"] for i in seen[t["taskUUID"]]] == ["success"] for t in tasks)
+            await assert_still_works(c)
+        async with client(server, key=None) as c:  # replayed once only
+            assert await c.auth("k1", session) == session
+            assert await c.quiet() == []
+
+
+async def test_missed_results_are_gone_after_120_s_and_never_go_to_another_key():
+    clock, engine = FakeClock(), HeldEngineClient()
+    async with serving(engine=engine, clock=clock) as server:
+        task = upscale_task()
+        async with client(server, key=None) as c:
+            session = await c.auth("k1")
+            await c.send([task])
+            await wait_until(lambda: len(engine.held) == 1)
+        await wait_until(lambda: not server.gateway._attached)
+        engine.release(stop_holding=True)
+        await wait_until(lambda: server.gateway.sessions.lookup("k1", task["taskUUID"]).finished)
+        async with client(server, key=None) as c:  # another key: a fresh session, nothing replayed
+            assert await c.auth("k2", session) != session
+            assert await c.quiet() == []
+        clock.advance(121)
+        async with client(server, key=None) as c:  # expired: a fresh session, no error
+            fresh = await c.auth("k1", session)
+            assert fresh != session
+            assert await c.quiet() == []
+            await assert_still_works(c)
+
+
+async def test_unknown_session_uuid_gets_a_fresh_session(null_server):
+    async with client(null_server, key=None) as c:
+        unknown = str(uuid.uuid4())
+        assert await c.auth("k", unknown) != unknown
+        await assert_still_works(c)
+
+
+async def test_in_flight_limit_per_api_key_spans_connections():
+    engine = HeldEngineClient()
+    async with (
+        serving(max_in_flight_per_key=2, engine=engine) as server,
+        client(server, key="shared") as first,
+        client(server, key="shared") as second,
+        client(server, key="other") as other,
+    ):
+        running = [upscale_task(), upscale_task()]
+        await first.send(running)
+        await wait_until(lambda: len(engine.held) == 2)
+        refused = upscale_task()
+        error = await second.error([refused])
+        assert (error["code"], error["taskUUID"], error["taskType"]) == (
+            "rateLimitExceeded",
+            refused["taskUUID"],
+            "imageUpscale",
+        )
+        accepted = upscale_task()  # another key is not affected
+        await other.send([accepted])
+        await wait_until(lambda: len(engine.held) == 3)
+        engine.release(stop_holding=True)
+        assert (await other.collect({accepted["taskUUID"]}))[accepted["taskUUID"]][0]["status"] == "success"
+        seen = await first.collect({t["taskUUID"] for t in running})
+        assert all(seen[t["taskUUID"]][0]["status"] == "success" for t in running)
+        await assert_still_works(second)  # the key has room again
+
+
+async def test_a_full_engine_queue_is_rate_limited_for_that_task_only():
+    engine = HeldEngineClient(max_queue=1)
+    async with serving(engine=engine) as server, client(server) as c:
+        first, second = upscale_task(), upscale_task()
+        await c.send([first, second])
+        frame = await c.recv()
+        error = frame["errors"][0]
+        assert (error["code"], error["taskUUID"]) == ("rateLimitExceeded", second["taskUUID"])
+        engine.release(stop_holding=True)
+        assert (await c.collect({first["taskUUID"]}))[first["taskUUID"]][0]["status"] == "success"
+        await assert_still_works(c)
+
+
+async def test_results_arrive_in_completion_order_not_request_order():
+    engine = HeldEngineClient()
+    async with serving(engine=engine) as server, client(server) as c:
+        tasks = [upscale_task() for _ in range(3)]
+        await c.send(tasks)
+        await wait_until(lambda: len(engine.held) == 3)
+        held = engine.held
+        for request in reversed(held):  # the engine finishes the last one first
+            engine.held = [request]
+            engine.release()
+            await asyncio.sleep(0.02)
+        await c.collect({t["taskUUID"] for t in tasks})
+        assert c.order == [t["taskUUID"] for t in reversed(tasks)]

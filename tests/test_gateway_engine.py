@@ -4,9 +4,12 @@ resume, progress and cost."""
 from __future__ import annotations
 
 import asyncio
+import io
 import time
 
+import httpx
 import pytest
+from PIL import Image
 
 from engine.client import InprocEngineClient
 from gateway.config import GatewayConfig
@@ -31,7 +34,7 @@ async def tiny_server():
         yield server
 
 
-@pytest.mark.parametrize("output_type", ["base64Data", "dataURI"])
+@pytest.mark.parametrize("output_type", ["base64Data", "dataURI", "URL"])
 async def test_any_size_comes_back_exactly_twice(tiny_server, output_type):
     async with client(tiny_server) as c:
         tasks = [
@@ -42,7 +45,13 @@ async def test_any_size_comes_back_exactly_twice(tiny_server, output_type):
     for task in tasks:
         item = seen[task["taskUUID"]][-1]
         assert item["status"] == "success", item
-        image = decode_result_image(item)
+        if output_type == "URL":
+            async with httpx.AsyncClient() as http:
+                response = await http.get(item["imageURL"])
+            assert response.status_code == 200
+            image = Image.open(io.BytesIO(response.content))
+        else:
+            image = decode_result_image(item)
         assert image.size == (74, 106)
         assert image.format == {"JPG": "JPEG"}.get(task["outputFormat"], task["outputFormat"])
 

@@ -91,3 +91,130 @@ def test_expired_images_are_swept_without_being_asked_for():
     clock.advance(6)
     store.put(b"y", "image/png", ttl=5)
     assert old.image_uuid not in store._images and store.bytes == 1
+
+
+def test_finished_records_expire_even_behind_a_running_one():
+    clock = FakeClock()
+    store = SessionStore(record_ttl=60, clock=clock)
+    session, _ = store.open("k", None)
+    store.register("k", session, "long", "imageUpscale", False)  # still running at the end
+    quick = store.register("k", session, "quick", "imageUpscale", False)
+    store.finish(quick, item={})
+    clock.advance(61)
+    assert store.lookup("k", "quick") is None
+    assert store.lookup("k", "long") is not None and store.running("k") == 1
+
+
+def test_records_stay_bounded_after_expiry_and_over_the_cap():
+    clock = FakeClock()
+    store = SessionStore(record_ttl=60, max_records=3, clock=clock)
+    session, _ = store.open("k", None)
+    for i in range(3):
+        store.finish(store.register("k", session, f"old{i}", "imageUpscale", False), item={})
+    clock.advance(61)
+    for i in range(5):  # the expired ones are gone; the cap then drops the oldest finished
+        store.finish(store.register("k", session, f"new{i}", "imageUpscale", False), item={})
+    assert [store.lookup("k", f"new{i}") is not None for i in range(5)] == [False, False, True, True, True]
+    assert len(store._records) == len(store._finished) == 3
+
+
+def test_an_array_without_any_object_is_one_frame_error():
+    error = parse_frame("[1, 2, [3]]")
+    assert isinstance(error, TaskError) and error.code == "invalidPayload"
+    mixed = parse_frame('[1, {"taskType": "ping"}]')  # a task among junk is still answered
+    assert [type(x).__name__ for x in mixed] == ["TaskError", "Ping"]
+
+
+def test_an_expired_session_keeps_no_frames():
+    clock = FakeClock()
+    store = SessionStore(session_ttl=120, clock=clock)
+    session, _ = store.open("k", None)
+    store.detach(session)
+    store.keep(session, b"kept")
+    clock.advance(121)
+    store.expire()
+    assert session.expired and not session.replay
+    store.keep(session, b"late result")  # a task that outlived its session
+    assert not session.replay
+
+
+class _BlockingSocket:
+    """Stands in for a websockets connection whose peer reads only when told to."""
+
+    remote_address = ("127.0.0.1", 1)
+
+    def __init__(self) -> None:
+        import asyncio
+
+        self.sent: list[bytes] = []
+        self.gate = asyncio.Event()
+        self.started = asyncio.Event()
+
+    async def send(self, frame, text=True):
+        self.started.set()
+        await self.gate.wait()
+        self.sent.append(frame)
+
+    async def close(self, *args):
+        pass
+
+
+def _connection(ws):
+    from types import SimpleNamespace
+
+    from gateway.config import GatewayConfig
+    from gateway.connection import AuthLimiter, Connection
+
+    store = SessionStore()
+    gateway = SimpleNamespace(config=GatewayConfig(), sessions=store, spawn=lambda coro: coro.close())
+    connection = Connection(ws, gateway, AuthLimiter(10))
+    connection.session, _ = store.open("k", None)
+    return connection
+
+
+async def test_a_pong_goes_ahead_of_queued_results():
+    import asyncio
+
+    from gateway.connection import _PONG
+
+    ws = _BlockingSocket()
+    connection = _connection(ws)
+    writer = asyncio.create_task(connection._writer())
+    connection.send(b"r1")
+    connection.send(b"r2")
+    await ws.started.wait()  # r1 is being written
+    connection.handle('[{"taskType":"ping","ping":true}]')
+    ws.gate.set()
+    while len(ws.sent) < 3:
+        await asyncio.sleep(0.01)
+    writer.cancel()
+    assert ws.sent == [b"r1", _PONG, b"r2"]
+
+
+async def test_unsent_frames_go_back_to_the_session_in_order_without_pongs():
+    import asyncio
+
+    ws = _BlockingSocket()
+    connection = _connection(ws)
+    writer = asyncio.create_task(connection._writer())
+    connection.send(b"r1")
+    connection.send(b"r2")
+    await ws.started.wait()  # r1 left the queue but was never fully sent
+    connection.handle('[{"taskType":"ping","ping":true}]')
+    writer.cancel()
+    connection._return_unsent()
+    assert list(connection.session.replay) == [b"r1", b"r2"]
+
+
+def test_image_expiry_follows_each_ttl_and_skips_replaced_entries():
+    clock = FakeClock()
+    store = MemoryImageStore(clock=clock)
+    long = store.put(b"l", "image/png", ttl=100)
+    short = store.put(b"s", "image/png", ttl=5)  # put later, expires first
+    renewed = store.put(b"r", "image/png", ttl=5)
+    store.put(b"r2", "image/png", ttl=100, image_uuid=renewed.image_uuid)  # replaced: new TTL
+    clock.advance(6)
+    store.put(b"x", "image/png", ttl=100)  # a put sweeps what has expired
+    assert short.image_uuid not in store._images
+    assert store.get(long.image_uuid) and store.get(renewed.image_uuid).data == b"r2"
+    assert store.bytes == 4
