@@ -423,3 +423,15 @@ async def test_results_arrive_in_completion_order_not_request_order():
             await asyncio.sleep(0.02)
         await c.collect({t["taskUUID"] for t in tasks})
         assert c.order == [t["taskUUID"] for t in reversed(tasks)]
+
+
+async def test_invalid_utf8_fails_only_that_socket(null_server):
+    # RFC 6455 8.1: invalid UTF-8 in a text frame fails the connection (1007); websockets
+    # does it before the frame reaches the gateway, so it cannot be a JSON error.
+    async with client(null_server) as c:
+        await c.ws.send(b'[{"taskType":"ping","x":"\xff"}]', text=True)
+        with pytest.raises(ConnectionClosed) as closed:
+            await c.recv(5)
+        assert closed.value.rcvd is not None and closed.value.rcvd.code == 1007
+    async with client(null_server) as c:
+        await assert_still_works(c)
