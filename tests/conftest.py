@@ -30,8 +30,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def serve_command(port: int, *extra: str) -> list[str]:
-    """``python -m gateway serve`` on the tiny model, for tests that need a real process."""
+def serve_command(port: int, *extra: str, model: str = "tiny") -> list[str]:
+    """``python -m gateway serve`` (on the tiny model by default), for tests that need a real process."""
     import sys
 
     return [
@@ -40,7 +40,7 @@ def serve_command(port: int, *extra: str) -> list[str]:
         "gateway",
         "serve",
         "--model",
-        "tiny",
+        model,
         "--device",
         "cpu",
         "--port",

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -67,16 +66,7 @@ async def test_sigterm_finishes_in_flight_tasks_then_exits_cleanly():
 def test_an_unloadable_model_is_a_clear_error(tmp_path):
     started = time.monotonic()
     result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "gateway",
-            "serve",
-            "--model",
-            str(tmp_path / "missing"),
-            "--port",
-            str(free_port()),
-        ],
+        serve_command(free_port(), model=str(tmp_path / "missing")),
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -89,18 +79,7 @@ def test_an_unloadable_model_is_a_clear_error(tmp_path):
 
 def test_a_public_host_without_a_key_refuses_to_start():
     result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "gateway",
-            "serve",
-            "--model",
-            "tiny",
-            "--host",
-            "0.0.0.0",
-            "--port",
-            str(free_port()),
-        ],
+        serve_command(free_port(), "--host", "0.0.0.0"),
         cwd=ROOT,
         capture_output=True,
         text=True,
