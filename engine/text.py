@@ -23,10 +23,6 @@ class PromptEncoder:
         self.hits = 0
         self.misses = 0
 
-    @property
-    def max_clip_skip(self) -> int:
-        return self.text_encoder.config.num_hidden_layers - 1
-
     def encode(self, prompts: list[str], clip_skip: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(embeds (n, 77, D), pooled (n, P)) for ``prompts``, in order."""
         found: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
