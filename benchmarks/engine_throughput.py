@@ -10,9 +10,11 @@ Prints a table and writes JSON to benchmarks/results/engine_throughput.json.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import io
 import json
 import logging
+import os
 import platform
 import queue
 import random
@@ -84,7 +86,7 @@ def run_stock(config: EngineConfig, jobs: list[dict]) -> dict:
     pipe: StableDiffusionLatentUpscalePipeline = loaded.pipeline
     pipe.set_progress_bar_config(disable=True)
     calls = _count_calls(pipe.unet)
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     latencies = []
     for job in jobs:
         pipe(
@@ -96,8 +98,8 @@ def run_stock(config: EngineConfig, jobs: list[dict]) -> dict:
             generator=torch.Generator("cpu").manual_seed(job["seed"]),
         ).images[0].save(io.BytesIO(), format="PNG")
         latencies.append(time.perf_counter() - start)
-    elapsed = time.perf_counter() - start
-    return _summary("stock pipeline, one at a time", len(jobs), elapsed, len(calls), latencies)
+    elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu_start
+    return _summary("stock pipeline, one at a time", len(jobs), elapsed, cpu, len(calls), latencies)
 
 
 def run_engine(config: EngineConfig, jobs: list[dict]) -> dict:
@@ -105,7 +107,7 @@ def run_engine(config: EngineConfig, jobs: list[dict]) -> dict:
     calls = _count_calls(core.runner.unet)
     outputs: queue.SimpleQueue = queue.SimpleQueue()
     core.start(outputs.put)
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     for i, job in enumerate(jobs):
         core.add_request(
             UpscaleRequest(
@@ -126,19 +128,20 @@ def run_engine(config: EngineConfig, jobs: list[dict]) -> dict:
             latencies.append(time.perf_counter() - start)
         else:
             failed += 1
-    elapsed = time.perf_counter() - start
+    elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu_start
     core.shutdown()
     if failed:
         raise RuntimeError(f"{failed} engine requests failed")
-    return _summary(f"engine, {config.mode} batching", len(jobs), elapsed, len(calls), latencies)
+    return _summary(f"engine, {config.mode} batching", len(jobs), elapsed, cpu, len(calls), latencies)
 
 
-def _summary(name: str, n: int, elapsed: float, unet_calls: int, latencies: list[float]) -> dict:
+def _summary(name: str, n: int, elapsed: float, cpu: float, unet_calls: int, latencies: list[float]) -> dict:
     return {
         "strategy": name,
         "tasks": n,
         "seconds": round(elapsed, 3),
         "tasks_per_s": round(n / elapsed, 3),
+        "cpu_s_per_task": round(cpu / n, 3),
         "unet_calls": unet_calls,
         "p50_latency_s": round(float(np.percentile(latencies, 50)), 3),
         "p99_latency_s": round(float(np.percentile(latencies, 99)), 3),
@@ -156,7 +159,18 @@ def main() -> None:
     parser.add_argument("--max-batch-rows", type=int, default=16)
     parser.add_argument("--device", default=None)
     parser.add_argument("--dtype", default=None)
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: cores - 1)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch CPU threads for the engine's model and VAE threads (default: half the cores each)",
+    )
+    parser.add_argument(
+        "--stock-threads",
+        type=int,
+        default=None,
+        help="torch CPU threads for the stock pipeline (default: all cores, torch's own default)",
+    )
     parser.add_argument("--smoke", action="store_true", help="tiny model, 6 requests, 2–4 steps")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "engine_throughput.json"))
     args = parser.parse_args()
@@ -166,9 +180,17 @@ def main() -> None:
     if args.smoke:
         models, count, steps = ["tiny"], 6, (2, 4)
 
-    report = {"machine": platform.platform(), "torch_threads": args.threads or "cores - 1", "runs": []}
+    stock_threads = args.stock_threads or os.cpu_count() or 1
+    report = {
+        "machine": platform.platform(),
+        "cores": os.cpu_count(),
+        "engine_torch_threads": args.threads or "half the cores, in each of 2 threads",
+        "stock_torch_threads": stock_threads,
+        "runs": [],
+    }
     print(
-        f"{'model':8} {'strategy':34} {'tasks/s':>9} {'UNet calls':>11} {'p50 s':>8} {'p99 s':>8} {'ratio':>7}"
+        f"{'model':8} {'strategy':34} {'tasks/s':>9} {'CPU s/task':>11} {'UNet calls':>11} "
+        f"{'p50 s':>8} {'p99 s':>8} {'ratio':>7}"
     )
     for model in models:
         ensure_builtin_model(model)
@@ -181,12 +203,13 @@ def main() -> None:
             torch_threads=args.threads,
         )
         jobs = workload(model, count, steps)
-        stock = run_stock(config, jobs)
+        stock = run_stock(dataclasses.replace(config, torch_threads=stock_threads), jobs)
         ours = run_engine(config, jobs)
         ratio = ours["tasks_per_s"] / stock["tasks_per_s"]
         for row, r in ((stock, 1.0), (ours, ratio)):
             print(
-                f"{model:8} {row['strategy']:34} {row['tasks_per_s']:9.2f} {row['unet_calls']:11d} "
+                f"{model:8} {row['strategy']:34} {row['tasks_per_s']:9.2f} {row['cpu_s_per_task']:11.3f} "
+                f"{row['unet_calls']:11d} "
                 f"{row['p50_latency_s']:8.2f} {row['p99_latency_s']:8.2f} {r:6.2f}x"
             )
         report["runs"].append(

@@ -35,7 +35,12 @@ class EngineConfig:
     # Caches and threads
     text_cache_size: int = 256  # (prompt, clip_skip) encodings kept
     codec_threads: int = 2
-    # torch intra-op threads on the CPU. None: one fewer than the cores, so that the
-    # event loop and the codec pool keep a core (OpenMP threads that lose their core
-    # spin at barriers, which on a 2-core machine costs far more than it gains).
+    # torch intra-op threads on the CPU, for each of the two threads that run the model
+    # (UNet steps and VAE decodes overlap). None: half the cores, so that together they
+    # fill the machine without oversubscribing it (OpenMP threads that lose their core
+    # spin at barriers, which costs far more than it gains).
     torch_threads: int | None = None
+
+    def cpu_threads(self, cores: int | None) -> int:
+        """torch intra-op threads on a CPU with ``cores`` cores."""
+        return self.torch_threads or max(1, (cores or 2) // 2)

@@ -1,15 +1,16 @@
 """The engine loop: connects the scheduler (decides) and the runner (runs the model).
 
-One dedicated thread owns the model. Each turn of its loop, like vLLM's
-``EngineCore.step()``:
+Three stages, each on its own threads, connected by queues of plain requests:
 
-1. take new input: requests whose image the codec pool has decoded, and aborts
-   (blocking only when there is nothing to do);
-2. prepare the newcomers (text and VAE encoding, batched by size) so they join their
-   shape group at this tick boundary;
-3. ``schedule()`` one UNet call and run it;
-4. requests that took their last step leave at once: decoded in a batch, then encoded
-   to JPG/PNG/WEBP on the codec pool and handed back.
+- the codec pool decodes each input image (Pillow) and, at the end, encodes each
+  output to JPG/PNG/WEBP;
+- the VAE thread text- and VAE-encodes newcomers, batched by size, and VAE-decodes
+  requests that took their last step, also batched, while the UNet keeps running;
+- the model thread runs only UNet steps. Each turn of its loop, like vLLM's
+  ``EngineCore.step()``: take new input (prepared newcomers join their shape group at
+  this tick boundary; aborts; blocking only when there is nothing to do), then
+  ``schedule()`` one UNet call and run it; requests that took their last step leave
+  at once for the VAE thread.
 
 Faults stay with the request at fault: a batched call that raises is split in halves
 and retried until the failing request stands alone; an out-of-memory error shrinks the
@@ -43,8 +44,9 @@ Emit = Callable[[EngineOutput], None]
 
 
 class EngineCore:
-    """The model thread and its codec pool. Thread-safe entry points: :meth:`add_request`,
-    :meth:`abort`, :meth:`shutdown`; everything else runs on the model thread."""
+    """The model thread, the VAE thread and the codec pool. Thread-safe entry points:
+    :meth:`add_request`, :meth:`abort`, :meth:`shutdown`. The scheduler belongs to the
+    model thread; a request in ``DECODING`` belongs to the VAE thread, then the pool."""
 
     def __init__(self, runner: ModelRunner, config: EngineConfig) -> None:
         self.runner = runner
@@ -59,9 +61,10 @@ class EngineCore:
         self._early: list[EngineOutput] = []  # outputs emitted before start(), flushed then
         self._emit: Emit = self._early.append
         self._thread: threading.Thread | None = None
+        self._vae_inbox: queue.SimpleQueue = queue.SimpleQueue()  # ("encode" | "decode", …); None stops
+        self._vae_thread: threading.Thread | None = None
         self._stopping = False
         self._on_death: Callable[[], None] | None = None
-        self._ready_inputs: list[tuple[Request, PreparedInput]] = []
 
     @classmethod
     def load(cls, config: EngineConfig) -> EngineCore:
@@ -86,6 +89,8 @@ class EngineCore:
             early, self._early = self._early, []
         for output in early:
             emit(output)
+        self._vae_thread = threading.Thread(target=self._run_vae_loop, name="engine-vae", daemon=True)
+        self._vae_thread.start()
         self._thread = threading.Thread(target=self._run_loop, name="engine-model", daemon=True)
         self._thread.start()
 
@@ -117,6 +122,9 @@ class EngineCore:
         self._inbox.put(("stop", None))
         if self._thread is not None:
             self._thread.join(timeout)
+        self._vae_inbox.put(None)
+        if self._vae_thread is not None:
+            self._vae_thread.join(timeout)
         self._codec_pool.shutdown(wait=True, cancel_futures=True)
         with self._lock:
             leftover = list(self._requests.values())
@@ -148,7 +156,7 @@ class EngineCore:
             if request.status.finished:
                 return  # aborted while it was being decoded
             request.status = RequestStatus.PREPARING
-        self._inbox.put(("prepared", (request, prepared)))
+        self._vae_inbox.put(("encode", (request, prepared)))
 
     def _encode_output(self, request: Request, pixels, alpha) -> None:
         started = time.perf_counter()
@@ -187,7 +195,7 @@ class EngineCore:
             emit = self._emit
         emit(output)
 
-    # The model thread
+    # The model thread: UNet steps only.
 
     def _run_loop(self) -> None:
         logger.info(
@@ -197,7 +205,6 @@ class EngineCore:
             with torch.inference_mode():
                 while not self._stopping:
                     self._take_input()
-                    self._prepare_ready()
                     batch = self.scheduler.schedule()
                     if batch is not None:
                         self._run_batch(batch)
@@ -208,17 +215,15 @@ class EngineCore:
                 leftover = list(self._requests.values())
             for request in leftover:
                 self._finish(request, _internal(request))
+            self._vae_inbox.put(None)
             self._codec_pool.shutdown(wait=False, cancel_futures=True)
             self.runner.states.clear()
             if self._on_death is not None:
                 self._on_death()
-        finally:
-            for request in [r for r, _ in self._ready_inputs]:
-                self.runner.release(request.request_id)
 
     def _take_input(self) -> None:
         """Apply everything in the inbox; wait for input only when there is no work."""
-        busy = self.scheduler.has_work or self._ready_inputs
+        busy = self.scheduler.has_work
         timeout = self.scheduler.wait_time() if busy else None
         block = not busy or (timeout is not None and timeout > 0)
         while True:
@@ -230,10 +235,18 @@ class EngineCore:
             if kind == "stop":
                 self._stopping = True
                 return
-            if kind == "prepared":
-                self._ready_inputs.append(payload)
+            if kind == "ready":
+                self._join(payload)
             elif kind == "abort":
                 self._apply_aborts(payload)
+
+    def _join(self, requests: list[Request]) -> None:
+        """Prepared requests join their shape group at this tick boundary."""
+        for request in requests:
+            if request.status.finished:  # aborted while the VAE thread prepared it
+                self.runner.release(request.request_id)
+            else:
+                self.scheduler.add(request)
 
     def _apply_aborts(self, request_ids: list[str]) -> None:
         for request_id in request_ids:
@@ -242,28 +255,8 @@ class EngineCore:
             if request is None or request.status >= RequestStatus.DECODING:
                 continue  # unknown, finished, or too late to matter
             self.scheduler.remove(request)
-            self._ready_inputs = [(r, p) for r, p in self._ready_inputs if r is not request]
             self.runner.release(request_id)
             self._finish(request, EngineError(request_id, ErrorCode.ABORTED, "task was cancelled"))
-
-    def _prepare_ready(self) -> None:
-        """Text- and VAE-encode newcomers, batched by shape and bounded in pixels."""
-        ready, self._ready_inputs = self._ready_inputs, []
-        by_shape: dict[tuple[int, int], list[tuple[Request, PreparedInput]]] = defaultdict(list)
-        for request, prepared in ready:
-            if not request.status.finished:
-                by_shape[request.shape].append((request, prepared))
-        for shape, items in by_shape.items():
-            per_call = max(1, self.config.vae_batch_pixels // (shape[0] * shape[1] * 64))
-            for i in range(0, len(items), per_call):
-                self._isolate(self._prepare_chunk, items[i : i + per_call], shrink_on_oom=False)
-
-    def _prepare_chunk(self, items: list[tuple[Request, PreparedInput]]) -> None:
-        requests = [r for r, _ in items]
-        _, seconds = timed(self.runner.prepare, requests, [p for _, p in items])
-        for request in requests:
-            request.engine_seconds += seconds / len(requests)
-            self.scheduler.add(request)
 
     def _run_batch(self, batch: ScheduledBatch) -> None:
         try:
@@ -286,16 +279,61 @@ class EngineCore:
             if request.done_denoising:
                 finished.append(request)
         if finished:
-            self._decode_finished(finished)
+            for request in finished:
+                self.scheduler.remove(request)
+                request.status = RequestStatus.DECODING
+            self._vae_inbox.put(("decode", finished))
 
-    def _decode_finished(self, requests: list[Request]) -> None:
+    def _fail(self, request: Request) -> None:
+        self.scheduler.remove(request)
+        self.runner.release(request.request_id)
+        self._finish(request, _internal(request))
+
+    # The VAE thread: text and VAE encoding of newcomers, then decoding of finished
+    # requests, each batched by shape, while the model thread goes on stepping.
+
+    def _run_vae_loop(self) -> None:
+        stop = False
+        while not stop:
+            pending = [self._vae_inbox.get()]
+            while True:  # everything that arrived meanwhile rides in the same batches
+                try:
+                    pending.append(self._vae_inbox.get_nowait())
+                except queue.Empty:
+                    break
+            stop = None in pending
+            jobs = [job for job in pending if job is not None]
+            with torch.inference_mode():
+                # Newcomers first: they hold up UNet work; finished ones only wait for bytes.
+                encodes = [item for kind, item in jobs if kind == "encode"]
+                for shape, items in _by_shape(encodes, lambda item: item[0].shape).items():
+                    self._in_chunks(self._prepare_chunk, items, shape[0] * shape[1] * 64)
+                decodes = [r for kind, batch in jobs if kind == "decode" for r in batch]
+                for shape, requests in _by_shape(decodes, lambda r: r.shape).items():
+                    self._in_chunks(self._decode_chunk, requests, shape[0] * shape[1] * 256)
+
+    def _in_chunks(self, call: Callable, items: list, pixels_per_item: int) -> None:
+        """``call`` over ``items`` in chunks bounded by ``vae_batch_pixels``, each
+        isolated; the VAE thread outlives anything a chunk does."""
+        per_call = max(1, self.config.vae_batch_pixels // pixels_per_item)
+        for i in range(0, len(items), per_call):
+            chunk = items[i : i + per_call]
+            try:
+                self._isolate(call, chunk, shrink_on_oom=False, fail=self._fail_in_vae)
+            except Exception:
+                logger.exception("a VAE batch of %d failed", len(chunk))
+                for item in chunk:
+                    self._fail_in_vae(item[0] if isinstance(item, tuple) else item)
+
+    def _prepare_chunk(self, items: list[tuple[Request, PreparedInput]]) -> None:
+        live = [(r, p) for r, p in items if not r.status.finished]
+        if not live:
+            return
+        requests = [r for r, _ in live]
+        _, seconds = timed(self.runner.prepare, requests, [p for _, p in live])
         for request in requests:
-            self.scheduler.remove(request)
-            request.status = RequestStatus.DECODING
-        h, w = requests[0].shape
-        per_call = max(1, self.config.vae_batch_pixels // (h * w * 256))
-        for i in range(0, len(requests), per_call):
-            self._isolate(self._decode_chunk, requests[i : i + per_call], shrink_on_oom=False)
+            request.engine_seconds += seconds / len(requests)
+        self._inbox.put(("ready", requests))
 
     def _decode_chunk(self, requests: list[Request]) -> None:
         images, seconds = timed(self.runner.decode, requests)
@@ -305,7 +343,19 @@ class EngineCore:
             self.runner.release(request.request_id)
             self._codec_pool.submit(self._encode_output, request, pixels, alpha)
 
-    def _isolate(self, call: Callable, items: list, *, shrink_on_oom: bool = True, **kwargs) -> None:
+    def _fail_in_vae(self, request: Request) -> None:
+        self.runner.release(request.request_id)
+        self._finish(request, _internal(request))
+
+    def _isolate(
+        self,
+        call: Callable,
+        items: list,
+        *,
+        shrink_on_oom: bool = True,
+        fail: Callable[[Request], None] | None = None,
+        **kwargs,
+    ) -> None:
         """Run ``call(items)``; if it raises, split in halves and retry until the faulty
         item stands alone, and fail only that one. With ``shrink_on_oom``, an
         out-of-memory error of a batch propagates as ``_OutOfMemory`` (the caller then
@@ -318,20 +368,14 @@ class EngineCore:
             if len(items) == 1:
                 request = items[0][0] if isinstance(items[0], tuple) else items[0]
                 logger.exception("request %s failed in %s", request.request_id, call.__name__)
-                self._fail(request)
+                (fail or self._fail)(request)
                 return
             if shrink_on_oom and _is_oom(exc):
                 raise _OutOfMemory() from exc
             logger.warning("a batch of %d failed in %s (%s); isolating", len(items), call.__name__, exc)
         half = len(items) // 2
         for part in (items[:half], items[half:]):
-            self._isolate(call, part, shrink_on_oom=False, **kwargs)
-
-    def _fail(self, request: Request) -> None:
-        self.scheduler.remove(request)
-        self.runner.release(request.request_id)
-        self._finish(request, _internal(request))
-
+            self._isolate(call, part, shrink_on_oom=False, fail=fail, **kwargs)
 
 class EngineStopped(RuntimeError):
     """The engine loop has stopped (shut down, or died of a fault)."""
@@ -339,6 +383,13 @@ class EngineStopped(RuntimeError):
 
 class _OutOfMemory(Exception):
     pass
+
+
+def _by_shape(items: list, shape_of: Callable) -> dict[tuple[int, int], list]:
+    groups: dict[tuple[int, int], list] = defaultdict(list)
+    for item in items:
+        groups[shape_of(item)].append(item)
+    return groups
 
 
 def _is_oom(exc: BaseException) -> bool:

@@ -123,7 +123,7 @@ def load_pipeline(config: EngineConfig) -> LoadedModel:
     device = choose_device(config.device)
     dtype = choose_dtype(config.dtype, device)
     if device.type == "cpu":
-        torch.set_num_threads(config.torch_threads or max(1, (os.cpu_count() or 2) - 1))
+        torch.set_num_threads(config.cpu_threads(os.cpu_count()))
     source, kwargs = _resolve(config)
     logger.info("loading %s (%s, %s)", source, device, str(dtype).removeprefix("torch."))
     started = time.perf_counter()

@@ -4,6 +4,8 @@ sizes, reproducibility, cancellation and fault isolation (tiny model, fp32, CPU)
 from __future__ import annotations
 
 import io
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -241,3 +243,55 @@ def test_out_of_memory_shrinks_the_batch_and_loses_nothing(core):
     assert all(isinstance(r, UpscaleResult) for r in results.values())
     assert all(len(v) == 1 for v in collector.terminal.values())
     assert core.scheduler.max_rows <= 2
+
+
+def test_a_fault_in_vae_encode_or_decode_fails_only_that_request(core):
+    """VAE batches run on their own thread and isolate faults like UNet batches do."""
+    prepare, decode = core.runner.prepare, core.runner.decode
+
+    def faulty_prepare(requests, inputs):
+        if any(r.request_id == "bad-encode" for r in requests):
+            raise RuntimeError("injected encode fault")
+        return prepare(requests, inputs)
+
+    def faulty_decode(requests):
+        if any(r.request_id == "bad-decode" for r in requests):
+            raise RuntimeError("injected decode fault")
+        return decode(requests)
+
+    core.runner.prepare, core.runner.decode = faulty_prepare, faulty_decode
+    ids = ["ok0", "bad-encode", "ok1", "bad-decode", "ok2"]
+    requests = [request(rid, make_png(64, 64, seed=i), steps=2) for i, rid in enumerate(ids)]
+    results, collector = run(core, requests)
+    assert results["bad-encode"].code is ErrorCode.INTERNAL
+    assert results["bad-decode"].code is ErrorCode.INTERNAL
+    assert all(isinstance(results[f"ok{i}"], UpscaleResult) for i in range(3))
+    assert all(len(v) == 1 for v in collector.terminal.values())
+    assert core.runner.states == {}
+    # The VAE thread lives on.
+    core.add_request(request("after", make_png(64, 64), steps=2))
+    assert isinstance(collector.wait(["after"])["after"], UpscaleResult)
+
+
+def test_decoding_never_holds_up_the_unet(core):
+    """While a finished request's VAE decode is held, its batch-mates keep stepping."""
+    release = threading.Event()
+    decode = core.runner.decode
+
+    def held_decode(requests):
+        if any(r.request_id == "short" for r in requests):
+            assert release.wait(60)
+        return decode(requests)
+
+    core.runner.decode = held_decode
+    collector = Collector()
+    submit_burst(core, [request("short", make_png(64, 64), steps=1), request("long", make_png(64, 64), steps=6)])
+    core.start(collector)
+    deadline = time.monotonic() + 60
+    while core.runner.unet.calls_by_shape().get((16, 16), 0) < 6 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert core.runner.unet.calls_by_shape()[(16, 16)] == 6  # "long" took every step meanwhile
+    assert "short" not in collector.terminal
+    release.set()
+    results = collector.wait(["short", "long"])
+    assert all(isinstance(r, UpscaleResult) for r in results.values())
