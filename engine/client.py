@@ -151,7 +151,11 @@ class NullEngineClient(_QueueOutputs):
         from . import codecs
 
         upscaled = codecs.resize_nearest_2x(codecs.decode_image(request.image))
-        return codecs.encode_image(upscaled, request.output_format, request.output_quality), upscaled.width, upscaled.height
+        return (
+            codecs.encode_image(upscaled, request.output_format, request.output_quality),
+            upscaled.width,
+            upscaled.height,
+        )
 
     async def abort(self, request_ids: Iterable[str]) -> None:
         for request_id in request_ids:

@@ -52,7 +52,10 @@ class EngineCore:
         self.runner = runner
         self.config = config
         self.scheduler = Scheduler(
-            config.max_batch_rows, mode=config.mode, static_delay=config.static_batch_delay
+            config.max_batch_rows,
+            mode=config.mode,
+            policy=config.group_policy,
+            static_delay=config.static_batch_delay,
         )
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._codec_pool = ThreadPoolExecutor(config.codec_threads, thread_name_prefix="engine-codec")
@@ -376,6 +379,7 @@ class EngineCore:
         half = len(items) // 2
         for part in (items[:half], items[half:]):
             self._isolate(call, part, shrink_on_oom=False, fail=fail, **kwargs)
+
 
 class EngineStopped(RuntimeError):
     """The engine loop has stopped (shut down, or died of a fault)."""

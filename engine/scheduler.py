@@ -3,12 +3,20 @@
 The algorithm (continuous mode, step-level batching):
 
 Requests that are denoising are grouped by latent shape, since only rows of one H×W
-can share a UNet call (MODEL.md). Each tick serves one group, round-robin over the
-groups that have work, so a short job of one shape never waits behind a long job of
-another: its latency grows with the number of active groups, not with their jobs'
-lengths. Within the group, requests are taken least-recently-stepped first (then
-oldest first) until the row budget is full; a guided request takes two rows. New
-requests join a group at any tick boundary and finished ones leave at once.
+can share a UNet call (MODEL.md). Each tick serves one group, chosen by the policy:
+
+- ``oldest`` (default): the group holding the oldest request. First come, first
+  served between groups, while later requests of the running group join it at once;
+  this keeps the latency tail short (nothing waits behind work that arrived after it)
+  and never starves a group.
+- ``round-robin``: the groups that have work take turns, so a short job of one shape
+  never waits behind a long job of another: its latency grows with the number of
+  active groups, not with their jobs' lengths; but every job then shares the device
+  with every group, which stretches the tail under load.
+
+Within the group, requests are taken least-recently-stepped first (then oldest first)
+until the row budget is full; a guided request takes two rows. New requests join a
+group at any tick boundary and finished ones leave at once.
 
 Static mode is what generic servers do (Triton's dynamic batcher, Ray Serve's
 ``@serve.batch``): wait up to ``static_delay`` for same-shape requests, freeze a
@@ -27,6 +35,7 @@ from .request import Request, RequestStatus
 __all__ = ["ScheduledBatch", "Scheduler"]
 
 Shape = tuple[int, int]
+POLICIES = ("oldest", "round-robin")
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,13 +54,17 @@ class Scheduler:
         max_rows: int,
         *,
         mode: str = "continuous",
+        policy: str = "oldest",
         static_delay: float = 0.05,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if mode not in ("continuous", "static"):
             raise ValueError(f"unknown batching mode {mode!r}: use 'continuous' or 'static'")
+        if policy not in POLICIES:
+            raise ValueError(f"unknown group policy {policy!r}: use one of {', '.join(POLICIES)}")
         self.max_rows = max_rows
         self.mode = mode
+        self.policy = policy
         self.static_delay = static_delay
         self._clock = clock
         self._groups: dict[Shape, list[Request]] = {}  # insertion order = round-robin order
@@ -110,6 +123,8 @@ class Scheduler:
         return 0.0
 
     def _next_shape(self) -> Shape:
+        if self.policy == "oldest":
+            return min(self._groups, key=lambda shape: min(r.arrival for r in self._groups[shape]))
         shapes = list(self._groups)
         if self._last_shape in shapes:
             return shapes[(shapes.index(self._last_shape) + 1) % len(shapes)]

@@ -19,6 +19,7 @@ from .config import GatewayConfig
 
 ENV_PREFIX = "LATENT_UPSCALER_"
 BATCHING = ("continuous", "static")
+GROUP_POLICIES = ("oldest", "round-robin")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
 
@@ -94,6 +95,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _flag(
         g,
+        "--group-policy",
+        default="oldest",
+        choices=GROUP_POLICIES,
+        help="which latent-size group each UNet call serves: 'oldest' (the group holding the oldest "
+        "task; shortest latency tail) or 'round-robin' (groups take turns; a short task never waits "
+        "for a long one of another size)",
+    )
+    _flag(
+        g,
+        "--torch-threads",
+        type=int,
+        help="CPU only: torch threads for each of the UNet and VAE threads (default: half the cores)",
+    )
+    _flag(
+        g,
         "--engine-queue",
         type=int,
         default=1024,
@@ -138,6 +154,12 @@ def config_from_args(args: argparse.Namespace) -> GatewayConfig:
     # environment: check those here (a ValueError is a clear one-line error in main()).
     if args.batching not in BATCHING:
         raise ValueError(f"--batching (LATENT_UPSCALER_BATCHING) must be one of {', '.join(BATCHING)}")
+    if args.group_policy not in GROUP_POLICIES:
+        raise ValueError(
+            f"--group-policy (LATENT_UPSCALER_GROUP_POLICY) must be one of {', '.join(GROUP_POLICIES)}"
+        )
+    if args.torch_threads is not None and args.torch_threads < 1:
+        raise ValueError("--torch-threads (LATENT_UPSCALER_TORCH_THREADS) must be at least 1")
     keys = list(args.api_key or [])
     aliases = list(args.model_alias or [])
     engine = EngineConfig(
@@ -147,6 +169,8 @@ def config_from_args(args: argparse.Namespace) -> GatewayConfig:
         dtype=args.dtype,
         max_batch_rows=args.max_batch_rows,
         mode=args.batching,
+        group_policy=args.group_policy,
+        torch_threads=args.torch_threads,
         max_queue=args.engine_queue,
         max_input_pixels=args.max_input_pixels,
         max_steps=args.max_steps,

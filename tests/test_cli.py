@@ -42,3 +42,20 @@ def test_help_names_every_variable(capsys):
         if action.option_strings and action.dest != "help":
             assert "LATENT_UPSCALER_" in (action.help or ""), action.dest
     assert "LATENT_UPSCALER_API_KEYS" in text
+
+
+def test_engine_scheduling_flags(monkeypatch):
+    config = parse(["--torch-threads", "3"], monkeypatch, LATENT_UPSCALER_GROUP_POLICY="round-robin")
+    assert config.engine.group_policy == "round-robin" and config.engine.torch_threads == 3
+    monkeypatch.delenv("LATENT_UPSCALER_GROUP_POLICY")
+    assert parse([], monkeypatch).engine.group_policy == "oldest"
+
+
+def test_bad_engine_scheduling_values_are_refused(monkeypatch):
+    import pytest
+
+    with pytest.raises(ValueError, match="LATENT_UPSCALER_GROUP_POLICY"):
+        parse([], monkeypatch, LATENT_UPSCALER_GROUP_POLICY="fastest")
+    monkeypatch.delenv("LATENT_UPSCALER_GROUP_POLICY")
+    with pytest.raises(ValueError, match="at least 1"):
+        parse(["--torch-threads", "0"], monkeypatch)

@@ -285,7 +285,9 @@ def test_decoding_never_holds_up_the_unet(core):
 
     core.runner.decode = held_decode
     collector = Collector()
-    submit_burst(core, [request("short", make_png(64, 64), steps=1), request("long", make_png(64, 64), steps=6)])
+    submit_burst(
+        core, [request("short", make_png(64, 64), steps=1), request("long", make_png(64, 64), steps=6)]
+    )
     core.start(collector)
     deadline = time.monotonic() + 60
     while core.runner.unet.calls_by_shape().get((16, 16), 0) < 6 and time.monotonic() < deadline:

@@ -25,14 +25,45 @@ def drive(s: Scheduler, limit: int = 1000) -> list[tuple[tuple[int, int], list[s
     return trace
 
 
-def test_groups_alternate_so_a_short_job_never_waits_for_a_long_one():
-    s = Scheduler(max_rows=8)
+def test_round_robin_groups_alternate_so_a_short_job_never_waits_for_a_long_one():
+    s = Scheduler(max_rows=8, policy="round-robin")
     s.add(req("long", shape=(8, 8), steps=50))
     s.add(req("short", shape=(16, 16), steps=2))
     trace = drive(s)
     short_ticks = [i for i, (_, ids) in enumerate(trace) if "short" in ids]
     assert short_ticks == [1, 3]
     assert len(trace) == 52
+
+
+def test_oldest_policy_serves_groups_first_come_first_served_and_lets_newcomers_join():
+    now = [0.0]
+    s = Scheduler(max_rows=8, clock=lambda: now[0])
+    s.add(req("first", shape=(8, 8), steps=3, arrival=0.0))
+    s.add(req("second", shape=(16, 16), steps=2, arrival=1.0))
+    first = s.schedule()
+    assert [r.request_id for r in first.requests] == ["first"]
+    first.requests[0].step_index += 1
+    # A later request of the running group joins it at once; the other group still waits.
+    s.add(req("joiner", shape=(8, 8), steps=2, arrival=2.0))
+    trace = [(shape, sorted(ids)) for shape, ids in drive(s)]
+    assert trace[:2] == [((8, 8), ["first", "joiner"])] * 2
+    assert trace[2:] == [((16, 16), ["second"])] * 2  # its turn came when "first" had finished
+
+
+def test_oldest_policy_never_starves_a_group():
+    s = Scheduler(max_rows=8)
+    s.add(req("old", shape=(16, 16), steps=2, arrival=0.0))
+    for i in range(20):  # a stream of newer work in another group
+        s.add(req(f"new{i}", shape=(8, 8), steps=5, arrival=1.0 + i))
+    trace = drive(s)
+    assert [i for i, (_, ids) in enumerate(trace) if "old" in ids] == [0, 1]
+
+
+def test_unknown_policy_is_refused():
+    import pytest
+
+    with pytest.raises(ValueError, match="round-robin"):
+        Scheduler(max_rows=8, policy="fastest")
 
 
 def test_row_budget_and_fairness_within_a_group():
