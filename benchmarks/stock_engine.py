@@ -47,7 +47,7 @@ class StockPipelineClient(_QueueOutputs):
     def ready(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
 
-    async def submit(self, request: UpscaleRequest) -> None:
+    def submit(self, request: UpscaleRequest) -> None:
         if not self.ready:
             raise EngineUnavailable("engine is not running")
         if self._pending >= self._config.max_queue:

@@ -1,6 +1,7 @@
 """The one small async interface the gateway uses to talk to an engine.
 
-Like vLLM's ``EngineCoreClient``: the gateway calls :meth:`EngineClient.submit` and
+Like vLLM's ``EngineCoreClient``: the gateway calls :meth:`EngineClient.submit` (which
+only queues, so it is a plain call: admitting a task costs no event-loop turn) and
 :meth:`EngineClient.abort`, and reads every :class:`~engine.api.EngineOutput` from the
 single async iterator :meth:`EngineClient.outputs`. Only the plain dataclasses of
 ``engine.api`` cross it, so an implementation may run the engine in this process
@@ -54,8 +55,8 @@ class EngineClient(abc.ABC):
         """Load the model and start the engine; returns once it can take requests."""
 
     @abc.abstractmethod
-    async def submit(self, request: UpscaleRequest) -> None:
-        """Queue ``request``. Its outputs arrive on :meth:`outputs`."""
+    def submit(self, request: UpscaleRequest) -> None:
+        """Queue ``request`` without blocking. Its outputs arrive on :meth:`outputs`."""
 
     @abc.abstractmethod
     async def abort(self, request_ids: Iterable[str]) -> None:
@@ -110,7 +111,7 @@ class NullEngineClient(_QueueOutputs):
     def ready(self) -> bool:
         return self._running
 
-    async def submit(self, request: UpscaleRequest) -> None:
+    def submit(self, request: UpscaleRequest) -> None:
         if not self._running:
             raise EngineUnavailable("engine is not running")
         if len(self._pending) >= self._max_queue:
@@ -224,7 +225,7 @@ class InprocEngineClient(_QueueOutputs):
     def ready(self) -> bool:
         return self._core is not None and self._core.alive
 
-    async def submit(self, request: UpscaleRequest) -> None:
+    def submit(self, request: UpscaleRequest) -> None:
         from .core import EngineStopped
 
         if not self.ready:

@@ -42,6 +42,7 @@ class Request:
     rows: int = 1  # UNet rows per step: 2 with classifier-free guidance
     step_index: int = 0  # steps done
     last_tick: int = -1  # the tick this request last took a step in (fairness)
+    deadline: int = 0  # the tick it would finish at if it stepped every tick from joining
     # Accounting, reported with the result.
     engine_seconds: float = 0.0
     unet_calls: int = 0

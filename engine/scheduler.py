@@ -5,17 +5,19 @@ The algorithm (continuous mode, step-level batching):
 Requests that are denoising are grouped by latent shape, since only rows of one H×W
 can share a UNet call (MODEL.md). Each tick serves one group, chosen by the policy:
 
-- ``oldest`` (default): the group holding the oldest request. First come, first
-  served between groups, while later requests of the running group join it at once;
-  this keeps the latency tail short (nothing waits behind work that arrived after it)
-  and never starves a group.
+- ``deadline`` (default): each request, as it joins, gets the tick at which it would
+  finish if it took a step every tick (join tick + its steps); the group holding the
+  earliest such deadline goes next. Short jobs that arrive together with long ones
+  finish first; work that arrived earlier goes before work that arrived later once
+  their deadlines say so, so no group starves and the latency tail stays short; and
+  later requests of the running group still join it at once.
 - ``round-robin``: the groups that have work take turns, so a short job of one shape
   never waits behind a long job of another: its latency grows with the number of
   active groups, not with their jobs' lengths; but every job then shares the device
   with every group, which stretches the tail under load.
 
-Within the group, requests are taken least-recently-stepped first (then oldest first)
-until the row budget is full; a guided request takes two rows. New requests join a
+Within the group, requests are taken earliest deadline first (round-robin:
+least-recently-stepped first, then oldest first) until the row budget is full; a guided request takes two rows. New requests join a
 group at any tick boundary and finished ones leave at once.
 
 Static mode is what generic servers do (Triton's dynamic batcher, Ray Serve's
@@ -35,7 +37,7 @@ from .request import Request, RequestStatus
 __all__ = ["ScheduledBatch", "Scheduler"]
 
 Shape = tuple[int, int]
-POLICIES = ("oldest", "round-robin")
+POLICIES = ("deadline", "round-robin")
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,7 +56,7 @@ class Scheduler:
         max_rows: int,
         *,
         mode: str = "continuous",
-        policy: str = "oldest",
+        policy: str = "deadline",
         static_delay: float = 0.05,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -77,6 +79,7 @@ class Scheduler:
     def add(self, request: Request) -> None:
         """A prepared request joins its shape group; it can ride in the next call."""
         request.status = RequestStatus.DENOISING
+        request.deadline = self._tick + request.total_steps
         self._groups.setdefault(request.shape, []).append(request)
 
     def remove(self, request: Request) -> None:
@@ -123,8 +126,8 @@ class Scheduler:
         return 0.0
 
     def _next_shape(self) -> Shape:
-        if self.policy == "oldest":
-            return min(self._groups, key=lambda shape: min(r.arrival for r in self._groups[shape]))
+        if self.policy == "deadline":
+            return min(self._groups, key=lambda shape: min(r.deadline for r in self._groups[shape]))
         shapes = list(self._groups)
         if self._last_shape in shapes:
             return shapes[(shapes.index(self._last_shape) + 1) % len(shapes)]
@@ -133,7 +136,10 @@ class Scheduler:
     def _schedule_continuous(self) -> list[Request]:
         shape = self._next_shape()
         self._last_shape = shape
-        group = sorted(self._groups[shape], key=lambda r: (r.last_tick, r.arrival))
+        if self.policy == "deadline":
+            group = sorted(self._groups[shape], key=lambda r: (r.deadline, r.arrival))
+        else:
+            group = sorted(self._groups[shape], key=lambda r: (r.last_tick, r.arrival))
         return self._fill(group)
 
     def _fill(self, candidates: list[Request]) -> list[Request]:

@@ -19,7 +19,7 @@ from .config import GatewayConfig
 
 ENV_PREFIX = "LATENT_UPSCALER_"
 BATCHING = ("continuous", "static")
-GROUP_POLICIES = ("oldest", "round-robin")
+GROUP_POLICIES = ("deadline", "round-robin")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
 
@@ -96,11 +96,11 @@ def build_parser() -> argparse.ArgumentParser:
     _flag(
         g,
         "--group-policy",
-        default="oldest",
+        default="deadline",
         choices=GROUP_POLICIES,
-        help="which latent-size group each UNet call serves: 'oldest' (the group holding the oldest "
-        "task; shortest latency tail) or 'round-robin' (groups take turns; a short task never waits "
-        "for a long one of another size)",
+        help="which latent-size group each UNet call serves: 'deadline' (the group holding the task "
+        "that would finish first if served alone: short tasks first, then first come first served; "
+        "the shortest latency tail) or 'round-robin' (groups take turns)",
     )
     _flag(
         g,

@@ -165,7 +165,17 @@ class Gateway:
         connection.in_flight += 1
         if record.deliver_async:
             connection.send(data_frame({"taskType": "imageUpscale", "taskUUID": task.taskUUID}))
-        self.spawn(self._run_upscale(connection, record, task))
+        if task.webhookURL or task.uploadEndpoint or _is_url(task.image):
+            self.spawn(self._run_upscale(connection, record, task))  # DNS or a download first
+            return
+        # The common case needs no I/O: admitted here and now, with no task of its own.
+        pending = _Pending(record, task, connection)
+        try:
+            data, pending.input_uuid = self.resolve_local_image(task.image, task.image_field)
+        except Exception as exc:
+            self._end(pending, exc)
+            return
+        self._admit(pending, data)
 
     def _check_upscale(self, connection: Connection, task: Upscale) -> None:
         if task.model not in self.config.accepted_models:
@@ -196,23 +206,30 @@ class Gateway:
             )
 
     async def _run_upscale(self, connection: Connection, record: TaskRecord, task: Upscale) -> None:
-        """Resolve the input and admit the task to the engine. From then on the
-        dispatcher owns it (:meth:`_complete`): no coroutine waits per running task."""
-        request_id = f"r{next(self._request_ids)}"  # unique in this process, which is all it needs
+        """Check the outbound URLs and fetch the input, then admit the task."""
         pending = _Pending(record, task, connection)
         try:
             await self._check_outbound_urls(task)
             data, pending.input_uuid = await self.resolve_image(task.image, task.image_field)
-            seed = task.settings.seed if task.settings.seed is not None else random.randrange(2**32)
-            # Registered before submit(): an engine may answer before submit() returns.
-            self._pending[request_id] = pending
-            await self._submit(request_id, task, data, seed)
         except BaseException as exc:
-            # Not admitted (submit() never consumes the id on failure): end it here.
-            self._pending.pop(request_id, None)
             self._end(pending, exc)
             if not isinstance(exc, Exception):  # cancelled (shutdown), or worse
                 raise
+            return
+        self._admit(pending, data)
+
+    def _admit(self, pending: _Pending, data: bytes) -> None:
+        """Submit to the engine. From then on the dispatcher owns the task
+        (:meth:`_complete`): no coroutine waits per running task."""
+        request_id = f"r{next(self._request_ids)}"  # unique in this process, which is all it needs
+        # Registered before submit(): an engine may answer before submit() returns.
+        self._pending[request_id] = pending
+        try:
+            self.engine.submit(self._engine_request(request_id, pending.task, data))
+        except Exception as exc:
+            # Not admitted (submit() never consumes the id on failure): end it here.
+            del self._pending[request_id]
+            self._end(pending, _admission_error(exc))
 
     def _complete(self, pending: _Pending, output: UpscaleResult | EngineError) -> None:
         """The engine's terminal output for a task: build its item and deliver it."""
@@ -268,29 +285,23 @@ class Gateway:
                 code = f"invalid{field[0].upper()}{field[1:]}"
                 raise TaskError(code, str(exc), parameter=field, type="string") from exc
 
-    async def _submit(self, request_id: str, task: Upscale, data: bytes, seed: int) -> None:
-        request = UpscaleRequest(
+    @staticmethod
+    def _engine_request(request_id: str, task: Upscale, data: bytes) -> UpscaleRequest:
+        settings = task.settings
+        return UpscaleRequest(
             request_id=request_id,
             image=data,
-            prompt=task.settings.positivePrompt,
-            negative_prompt=task.settings.negativePrompt,
-            steps=task.settings.steps,
-            cfg_scale=task.settings.CFGScale,
-            clip_skip=task.settings.clipSkip,
-            seed=seed,
+            prompt=settings.positivePrompt,
+            negative_prompt=settings.negativePrompt,
+            steps=settings.steps,
+            cfg_scale=settings.CFGScale,
+            clip_skip=settings.clipSkip,
+            seed=settings.seed if settings.seed is not None else random.randrange(2**32),
             output_format=OutputFormat(task.outputFormat),
             output_quality=task.outputQuality,
             # Progress feeds includeProgress items and getResponse polls; skip it otherwise.
             want_progress=task.includeProgress or task.deliveryMethod == "async",
         )
-        try:
-            await self.engine.submit(request)
-        except EngineOverloaded as exc:
-            raise TaskError(
-                "rateLimitExceeded", f"the server is at capacity ({exc}); try again shortly"
-            ) from exc
-        except EngineUnavailable as exc:
-            raise TaskError("internalError", "the engine is not running; try again shortly") from exc
 
     def _store_output(self, task: Upscale, result: UpscaleResult) -> StoredImage:
         ttl = task.ttl or self.config.output_ttl
@@ -387,6 +398,13 @@ class Gateway:
     async def resolve_image(self, value: str, field: str) -> tuple[bytes, str]:
         """(bytes, image UUID) of an input given as a stored UUID, data URI, URL or
         raw base64. New inputs are stored so later tasks can reuse them by UUID."""
+        if not _is_url(value):
+            return self.resolve_local_image(value, field)
+        data = await self._fetch(value, field)
+        return data, self._store_input(data)
+
+    def resolve_local_image(self, value: str, field: str) -> tuple[bytes, str]:
+        """:meth:`resolve_image` for anything but a URL: no I/O."""
         if _is_uuid(value):
             stored = self.store.get(value)
             if stored is None:
@@ -397,13 +415,12 @@ class Gateway:
                     type="string",
                 )
             return stored.data, stored.image_uuid
-        if value.startswith(("http://", "https://")):
-            data = await self._fetch(value, field)
-        else:
-            data = _decode_inline(value, field, self.config.max_input_bytes)
+        data = _decode_inline(value, field, self.config.max_input_bytes)
+        return data, self._store_input(data)
+
+    def _store_input(self, data: bytes) -> str:
         media_type = codecs.sniff_media_type(data) or "application/octet-stream"
-        stored = self.store.put(data, media_type, self.config.output_ttl)
-        return data, stored.image_uuid
+        return self.store.put(data, media_type, self.config.output_ttl).image_uuid
 
     async def _fetch(self, url: str, field: str) -> bytes:
         try:
@@ -479,6 +496,19 @@ def _without_payload(item: dict | None) -> dict | None:
         if kind in item:
             return {**{k: v for k, v in item.items() if k != kind}, "_payload": kind}
     return item
+
+
+def _is_url(value: str) -> bool:
+    return value.startswith(("http://", "https://"))
+
+
+def _admission_error(exc: Exception) -> Exception:
+    """What a refused :meth:`EngineClient.submit` means to the client."""
+    if isinstance(exc, EngineOverloaded):
+        return TaskError("rateLimitExceeded", f"the server is at capacity ({exc}); try again shortly")
+    if isinstance(exc, EngineUnavailable):
+        return TaskError("internalError", "the engine is not running; try again shortly")
+    return exc
 
 
 def _is_uuid(value: str) -> bool:

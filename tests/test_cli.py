@@ -48,7 +48,7 @@ def test_engine_scheduling_flags(monkeypatch):
     config = parse(["--torch-threads", "3"], monkeypatch, LATENT_UPSCALER_GROUP_POLICY="round-robin")
     assert config.engine.group_policy == "round-robin" and config.engine.torch_threads == 3
     monkeypatch.delenv("LATENT_UPSCALER_GROUP_POLICY")
-    assert parse([], monkeypatch).engine.group_policy == "oldest"
+    assert parse([], monkeypatch).engine.group_policy == "deadline"
 
 
 def test_bad_engine_scheduling_values_are_refused(monkeypatch):

@@ -33,7 +33,7 @@ async def collect(client, ids: set[str], timeout: float = 60.0) -> dict[str, lis
 async def test_inproc_client_round_trip_without_blocking_the_loop():
     client = InprocEngineClient(EngineConfig(model="tiny", device="cpu", dtype="fp32"))
     with pytest.raises(EngineUnavailable):
-        await client.submit(UpscaleRequest("early", make_png(64, 64)))
+        client.submit(UpscaleRequest("early", make_png(64, 64)))
     await client.start()
     assert client.ready
     ticks = 0
@@ -46,9 +46,9 @@ async def test_inproc_client_round_trip_without_blocking_the_loop():
 
     tick_task = asyncio.create_task(ticker())
     try:
-        await client.submit(UpscaleRequest("a", make_png(40, 24), steps=3, want_progress=True))
-        await client.submit(UpscaleRequest("b", make_png(64, 64), steps=50, output_format=OutputFormat.WEBP))
-        await client.submit(UpscaleRequest("c", b"garbage"))
+        client.submit(UpscaleRequest("a", make_png(40, 24), steps=3, want_progress=True))
+        client.submit(UpscaleRequest("b", make_png(64, 64), steps=50, output_format=OutputFormat.WEBP))
+        client.submit(UpscaleRequest("c", b"garbage"))
         seen = await collect(client, {"a", "c"})
         await client.abort(["b"])
         seen.update(await collect(client, {"b"}))
@@ -70,10 +70,10 @@ async def test_null_client_answers_at_once_and_bounds_its_queue():
     client = NullEngineClient(max_queue=0)
     await client.start()
     with pytest.raises(EngineOverloaded):
-        await client.submit(UpscaleRequest("x", make_png(16, 16)))
+        client.submit(UpscaleRequest("x", make_png(16, 16)))
     client = NullEngineClient()
     await client.start()
-    await client.submit(UpscaleRequest("x", make_png(16, 10), output_format=OutputFormat.PNG))
+    client.submit(UpscaleRequest("x", make_png(16, 10), output_format=OutputFormat.PNG))
     seen = await collect(client, {"x"})
     assert (seen["x"][0].width, seen["x"][0].height) == (32, 20)
     await client.close()
@@ -88,7 +88,7 @@ async def test_a_dead_engine_loop_fails_its_requests_and_restarts():
         raise RuntimeError("injected loop fault")
 
     core.scheduler.schedule = explode
-    await client.submit(UpscaleRequest("doomed", make_png(64, 64), steps=2))
+    client.submit(UpscaleRequest("doomed", make_png(64, 64), steps=2))
     seen = await collect(client, {"doomed"})
     assert seen["doomed"][-1].code is ErrorCode.INTERNAL
     for _ in range(200):
@@ -96,7 +96,7 @@ async def test_a_dead_engine_loop_fails_its_requests_and_restarts():
             break
         await asyncio.sleep(0.01)
     assert client.ready and client.restart_count == 1
-    await client.submit(UpscaleRequest("after", make_png(64, 64), steps=2))
+    client.submit(UpscaleRequest("after", make_png(64, 64), steps=2))
     seen = await collect(client, {"after"})
     assert isinstance(seen["after"][-1], UpscaleResult)
     await client.close()

@@ -35,28 +35,33 @@ def test_round_robin_groups_alternate_so_a_short_job_never_waits_for_a_long_one(
     assert len(trace) == 52
 
 
-def test_oldest_policy_serves_groups_first_come_first_served_and_lets_newcomers_join():
-    now = [0.0]
-    s = Scheduler(max_rows=8, clock=lambda: now[0])
-    s.add(req("first", shape=(8, 8), steps=3, arrival=0.0))
-    s.add(req("second", shape=(16, 16), steps=2, arrival=1.0))
-    first = s.schedule()
-    assert [r.request_id for r in first.requests] == ["first"]
-    first.requests[0].step_index += 1
-    # A later request of the running group joins it at once; the other group still waits.
-    s.add(req("joiner", shape=(8, 8), steps=2, arrival=2.0))
-    trace = [(shape, sorted(ids)) for shape, ids in drive(s)]
-    assert trace[:2] == [((8, 8), ["first", "joiner"])] * 2
-    assert trace[2:] == [((16, 16), ["second"])] * 2  # its turn came when "first" had finished
-
-
-def test_oldest_policy_never_starves_a_group():
+def test_deadline_policy_runs_short_jobs_first_and_lets_newcomers_join():
     s = Scheduler(max_rows=8)
-    s.add(req("old", shape=(16, 16), steps=2, arrival=0.0))
-    for i in range(20):  # a stream of newer work in another group
-        s.add(req(f"new{i}", shape=(8, 8), steps=5, arrival=1.0 + i))
-    trace = drive(s)
-    assert [i for i, (_, ids) in enumerate(trace) if "old" in ids] == [0, 1]
+    s.add(req("long", shape=(8, 8), steps=6))
+    s.add(req("short", shape=(16, 16), steps=2))
+    first = s.schedule()
+    assert [r.request_id for r in first.requests] == ["short"]  # deadline 2 beats 6
+    first.requests[0].step_index += 1
+    s.add(req("joiner", shape=(16, 16), steps=1))  # joins at tick 1: deadline 2
+    trace = [(shape, sorted(ids)) for shape, ids in drive(s)]
+    assert trace[0] == ((16, 16), ["joiner", "short"])
+    assert trace[1:] == [((8, 8), ["long"])] * 6
+
+
+def test_deadline_policy_serves_earlier_work_first_and_never_starves_a_group():
+    s = Scheduler(max_rows=1)
+    s.add(req("old", shape=(16, 16), steps=4))  # deadline 4
+    trace = []
+    for i in range(12):  # a stream of short jobs of another shape, one per tick
+        s.add(req(f"new{i}", shape=(8, 8), steps=2))
+        batch = s.schedule()
+        trace.append([r.request_id for r in batch.requests])
+        for r in batch.requests:
+            r.step_index += 1
+            if r.done_denoising:
+                s.remove(r)
+    old_ticks = [i for i, ids in enumerate(trace) if ids == ["old"]]
+    assert len(old_ticks) == 4 and old_ticks[-1] < 8
 
 
 def test_unknown_policy_is_refused():
@@ -66,8 +71,8 @@ def test_unknown_policy_is_refused():
         Scheduler(max_rows=8, policy="fastest")
 
 
-def test_row_budget_and_fairness_within_a_group():
-    s = Scheduler(max_rows=4)
+def test_round_robin_row_budget_and_fairness_within_a_group():
+    s = Scheduler(max_rows=4, policy="round-robin")
     for i in range(6):
         s.add(req(f"r{i}", steps=2, rows=2 if i % 2 else 1, arrival=i))
     first = s.schedule()
