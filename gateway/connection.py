@@ -91,6 +91,8 @@ class Connection:
         self.auth_failures = 0
         self._queue: deque[bytes] = deque()
         self._sending: list[bytes] = []  # taken off the queue, not yet fully sent
+        self._soon: list[bytes] = []  # small frames to write together at the end of this loop turn
+        self._soon_bytes = 0
         self._queued_bytes = 0
         self._wakeup = asyncio.Event()
         self._closed = False
@@ -111,7 +113,7 @@ class Connection:
             logger.warning("dropping a client that does not read (%d frames queued)", len(self._queue))
             self._drop(1008, "client is not reading its results; resume the session to receive them")
             return False
-        if not self._queue and not self._sending and self._write_now(frame):
+        if not self._queue and not self._sending and self._write_soon(frame):
             return True
         if urgent:
             self._queue.appendleft(frame)
@@ -121,30 +123,54 @@ class Connection:
         self._wakeup.set()
         return True
 
-    def _write_now(self, frame: bytes) -> bool:
-        """Write ``frame`` at once if that cannot block: nothing queued or being written
-        (checked by the caller, so order holds), a small frame and an empty socket buffer.
-        The common case, and one event-loop hop cheaper than waking the writer.
+    def _write_soon(self, frame: bytes) -> bool:
+        """Take ``frame`` for a write at the end of this event-loop turn if that cannot
+        block: nothing queued or being written (checked by the caller, so order holds),
+        small frames and an empty socket buffer. The common case: no writer wake-up, and
+        the results that finish in one turn leave in one ``transport.write`` (one system
+        call) instead of one each.
 
         Minor layering violation: this is what websockets' ``send()`` does for a text
         frame when ``send_context()`` finds the connection open and no drain is needed.
         """
-        ws = self.ws
-        if len(frame) > _NO_WAIT_BYTES or not _write_buffer_empty(ws) or ws.protocol.state is not State.OPEN:
+        if len(frame) > _NO_WAIT_BYTES or self.ws.protocol.state is not State.OPEN:
             return False
-        ws.protocol.send_text(frame)
-        ws.transport.write(b"".join(ws.protocol.data_to_send()))
+        if self._soon_bytes + len(frame) > _NO_WAIT_BYTES:
+            self._flush_soon()
+        if not self._soon:
+            if not _write_buffer_empty(self.ws):
+                return False
+            asyncio.get_running_loop().call_soon(self._flush_soon)
+        self._soon.append(frame)
+        self._soon_bytes += len(frame)
         return True
+
+    def _flush_soon(self) -> None:
+        frames, self._soon, self._soon_bytes = self._soon, [], 0
+        if not frames:
+            return
+        ws = self.ws
+        if ws.protocol.state is not State.OPEN:
+            # The socket is closing: the frames wait in the queue, and go back to the
+            # session with everything else unsent when the handler sees the close.
+            self._queue.extendleft(reversed(frames))
+            self._queued_bytes += sum(map(len, frames))
+            return
+        for frame in frames:
+            ws.protocol.send_text(frame)
+        ws.transport.write(b"".join(ws.protocol.data_to_send()))
 
     async def _writer(self) -> None:
         while True:
             while not self._queue:
                 if self._close_when_flushed is not None:
+                    self._flush_soon()
                     self._closed = True
                     await self.ws.close(*self._close_when_flushed)
                     return
                 self._wakeup.clear()
                 await self._wakeup.wait()
+            self._flush_soon()  # anything taken for this turn's write goes first
             # Taken off the queue before sending (so an urgent frame may go ahead of the
             # rest), but counted as unsent until the send completes: if it fails, they are
             # the first frames handed back to the session.
@@ -207,9 +233,10 @@ class Connection:
     def _return_unsent(self) -> None:
         """Frames that never left go back to the session, in order."""
         if self.session is not None:
-            for frame in [*self._sending, *self._queue]:
+            for frame in [*self._soon, *self._sending, *self._queue]:
                 if frame is not _PONG:  # a pong is for this socket only
                     self.gateway.sessions.keep(self.session, frame)
+        self._soon, self._soon_bytes = [], 0
         self._sending = []
         self._queue.clear()
         self._queued_bytes = 0

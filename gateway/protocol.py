@@ -9,6 +9,7 @@ error. One bad task never affects its neighbours. Server frames are built by
 
 from __future__ import annotations
 
+import re
 import uuid
 from typing import Annotated, Any, Literal
 
@@ -210,13 +211,17 @@ def parse_task(item: Any) -> Task | TaskError:
     return task
 
 
+_CANONICAL_UUID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
+
+
 def _check_uuid(value: Any) -> TaskError | None:
     if value is None:
         return TaskError("missingTaskUUID", "taskUUID is required", parameter="taskUUID", type="string")
     try:
         if not isinstance(value, str):
             raise ValueError
-        uuid.UUID(value)
+        if not _CANONICAL_UUID.fullmatch(value):  # the form every SDK sends, checked cheaply
+            uuid.UUID(value)  # the other spellings uuid.UUID accepts
     except ValueError:
         return TaskError(
             "invalidTaskUUID",
