@@ -133,12 +133,12 @@ class Connection:
         Minor layering violation: this is what websockets' ``send()`` does for a text
         frame when ``send_context()`` finds the connection open and no drain is needed.
         """
-        if len(frame) > _NO_WAIT_BYTES or self.ws.protocol.state is not State.OPEN:
+        if len(frame) > _NO_WAIT_BYTES:
             return False
         if self._soon_bytes + len(frame) > _NO_WAIT_BYTES:
             self._flush_soon()
-        if not self._soon:
-            if not _write_buffer_empty(self.ws):
+        if not self._soon:  # (if the socket closes meanwhile, _flush_soon sees to it)
+            if not _write_buffer_empty(self.ws) or self.ws.protocol.state is not State.OPEN:
                 return False
             asyncio.get_running_loop().call_soon(self._flush_soon)
         self._soon.append(frame)
