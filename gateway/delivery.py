@@ -545,7 +545,7 @@ def _decode_inline(value: str, field: str, max_bytes: int) -> bytes:
             "invalidInputImage", f"the image is over {max_bytes} bytes", parameter=field, type="string"
         )
     try:
-        data = base64.b64decode(value, validate=True)
+        data = binascii.a2b_base64(value, strict_mode=True)  # validates as it decodes
     except (binascii.Error, ValueError) as exc:
         raise TaskError(
             "invalidInputImage",

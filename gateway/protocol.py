@@ -162,7 +162,7 @@ def parse_frame(data: str | bytes, *, max_tasks: int = 256) -> TaskError | list[
             "invalidPayload",
             f"the frame holds {len(payload)} tasks; at most {max_tasks} are accepted per frame",
         )
-    if not any(isinstance(item, dict) for item in payload):
+    if not any([isinstance(item, dict) for item in payload]):
         # Nothing here is a task: one frame-level error, not one per element.
         return TaskError("invalidPayload", "the task array holds no JSON objects", type="object")
     return [parse_task(item) for item in payload]
