@@ -46,6 +46,12 @@ _MAX_QUEUED_BYTES = 256 * 2**20
 _NO_WAIT_BYTES = 16 * 2**10
 _MAX_BATCH_FRAMES = 64
 _PONG = data_frame({"taskType": "ping", "pong": True})
+# runware-sdk (PyPI; User-Agent "runware-python/…") fails a sync task whose connection
+# dropped ("connectionLost") and reports an error frame it cannot route as an error of
+# *every* task it has in flight. A replayed error is for a task it already gave up on,
+# so replaying it would fail unrelated tasks: such clients get missed results replayed,
+# and missed errors only through getResponse.
+_NO_ERROR_REPLAY_AGENTS = ("runware-python/",)
 
 
 def _write_buffer_empty(ws) -> bool:
@@ -85,6 +91,9 @@ class Connection:
         self.config = gateway.config
         self.limiter = limiter
         self.peer = str(ws.remote_address[0]) if ws.remote_address else "?"
+        request = getattr(ws, "request", None)  # the opening handshake (stand-ins have none)
+        user_agent = request.headers.get("User-Agent", "") if request is not None else ""
+        self.replays_errors = not any(agent in user_agent for agent in _NO_ERROR_REPLAY_AGENTS)
         self.session: Session | None = None
         self.api_key: str = ""
         self.in_flight = 0
@@ -338,6 +347,8 @@ class Connection:
         self.gateway.attach(session, self)
         self.send(data_frame({"taskType": "authentication", "connectionSessionUUID": session.session_id}))
         for frame in replay:
+            if not self.replays_errors and frame.startswith(b'{"errors"'):
+                continue  # see _NO_ERROR_REPLAY_AGENTS; the task record keeps the error
             if not self.send(frame, replay=True):
                 self.gateway.sessions.keep(session, frame)
 

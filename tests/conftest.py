@@ -167,8 +167,9 @@ async def serving(config: GatewayConfig | None = None, engine=None, clock=None, 
 
 
 @contextlib.asynccontextmanager
-async def client(server: GatewayServer, key: str | None = "test-key"):
-    async with connect(server.url, max_size=64 * 2**20) as ws:
+async def client(server: GatewayServer, key: str | None = "test-key", user_agent: str | None = None):
+    headers = {"User-Agent": user_agent} if user_agent else None
+    async with connect(server.url, max_size=64 * 2**20, additional_headers=headers) as ws:
         c = Client(ws)
         if key is not None:
             await c.auth(key)

@@ -340,6 +340,41 @@ async def test_a_dropped_client_resumes_and_receives_missed_results_once():
             assert await c.quiet() == []
 
 
+@pytest.mark.parametrize(
+    "user_agent, errors_replayed",
+    [
+        (None, True),
+        ("runware-sdk-js/1.3.2", True),
+        ("runware-python/1.8.0 (python/3.11.7; Linux x86_64) schemas/20260623192341", False),
+    ],
+)
+async def test_missed_errors_are_replayed_except_to_clients_that_fail_every_task_on_one(
+    user_agent, errors_replayed
+):
+    """runware-sdk already failed a dropped sync task, and an error it cannot route fails
+    every task it has in flight: it gets missed results, and missed errors by getResponse."""
+    engine = HeldEngineClient()
+    broken_png = data_uri(b"\x89PNG\r\n\x1a\n" + b"\x00" * 64)  # passes the gateway, fails decoding
+    async with serving(engine=engine) as server:
+        good, bad = upscale_task(), upscale_task(broken_png)
+        async with client(server, key=None, user_agent=user_agent) as c:
+            session = await c.auth("k1")
+            await c.send([good, bad])
+            await wait_until(lambda: len(engine.held) == 2)
+        await wait_until(lambda: not server.gateway._attached)
+        engine.release(stop_holding=True)
+        await wait_until(lambda: len(server.gateway.sessions._sessions[session].replay) == 2)
+        async with client(server, key=None, user_agent=user_agent) as c:
+            assert await c.auth("k1", session) == session
+            replayed = await c.collect({good["taskUUID"]} | ({bad["taskUUID"]} if errors_replayed else set()))
+            assert await c.quiet() == []
+            assert replayed[good["taskUUID"]][0]["status"] == "success"
+            if errors_replayed:
+                assert replayed[bad["taskUUID"]][0]["code"] == "invalidInputImage"
+            await c.send([{"taskType": "getResponse", "taskUUID": bad["taskUUID"]}])
+            assert (await c.recv())["errors"][0]["code"] == "invalidInputImage"  # kept either way
+
+
 async def test_missed_results_are_gone_after_120_s_and_never_go_to_another_key():
     clock, engine = FakeClock(), HeldEngineClient()
     async with serving(engine=engine, clock=clock) as server:
