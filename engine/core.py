@@ -336,6 +336,10 @@ class EngineCore:
         _, seconds = timed(self.runner.prepare, requests, [p for _, p in live])
         for request in requests:
             request.engine_seconds += seconds / len(requests)
+        if self._stopping:  # no model loop will take them (their requests have ended)
+            for request in requests:
+                self.runner.release(request.request_id)
+            return
         self._inbox.put(("ready", requests))
 
     def _decode_chunk(self, requests: list[Request]) -> None:
