@@ -54,6 +54,38 @@ def test_gateway_overhead_smoke(tmp_path):
     assert report["all_exactly_once"] and report["throughput_ratio"] > 0
 
 
+def test_scheduler_sim_smoke(tmp_path):
+    out = tmp_path / "sim.json"
+    subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "scheduler_sim.py"), "--smoke", "--out", str(out)],
+        check=True,
+        timeout=120,
+        capture_output=True,
+    )
+    report = json.loads(out.read_text())
+    assert set(report["capacity_tasks_per_s"]) == {
+        "continuous/deadline",
+        "continuous/round-robin",
+        "static/deadline",
+    }
+    point = report["loads"][0]
+    assert point["load"] == 0.75 and all(
+        point[k]["p99_s"] >= point[k]["p50_s"] > 0 for k in report["capacity_tasks_per_s"]
+    )
+
+
+def test_scheduler_sim_finishes_every_job_once():
+    """The simulation drives the real scheduler: every job of a burst finishes exactly once."""
+    sys.path.insert(0, str(ROOT))
+    from benchmarks.scheduler_sim import CostModel, sample_jobs, simulate
+
+    mix = [{"width": 64, "height": 64, "steps": [2, 9], "CFGScale": 7.5}, {"width": 96, "height": 64}]
+    jobs = sample_jobs(mix, 50, rate=5.0, seed=3)
+    for mode, policy in (("continuous", "deadline"), ("continuous", "round-robin"), ("static", "deadline")):
+        latencies, end = simulate(jobs, mode, policy, CostModel(0.01, 0.001, 0.0), 8, 0.05)
+        assert len(latencies) == 50 and min(latencies) > 0 and end >= jobs[-1].arrival
+
+
 @pytest.mark.soak
 def test_short_soak(tmp_path):
     """20 s-sized soak: random hang-ups and resumes, every task answered exactly once.
