@@ -92,7 +92,8 @@ class Connection:
         self.limiter = limiter
         self.peer = str(ws.remote_address[0]) if ws.remote_address else "?"
         request = getattr(ws, "request", None)  # the opening handshake (stand-ins have none)
-        user_agent = request.headers.get("User-Agent", "") if request is not None else ""
+        # get_all: a repeated header must not raise (Headers.get does).
+        user_agent = " ".join(request.headers.get_all("User-Agent")) if request is not None else ""
         self.replays_errors = not any(agent in user_agent for agent in _NO_ERROR_REPLAY_AGENTS)
         self.session: Session | None = None
         self.api_key: str = ""
@@ -159,7 +160,7 @@ class Connection:
         if not frames:
             return
         ws = self.ws
-        if ws.protocol.state is not State.OPEN:
+        if ws.protocol.state is not State.OPEN or ws.transport.is_closing():
             # The socket is closing: the frames wait in the queue, and go back to the
             # session with everything else unsent when the handler sees the close.
             self._queue.extendleft(reversed(frames))
