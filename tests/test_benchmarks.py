@@ -13,15 +13,20 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def test_engine_throughput_smoke(tmp_path):
-    out = tmp_path / "engine.json"
+def run_smoke(script: str, out: Path, timeout: int) -> dict:
+    """Run ``benchmarks/<script> --smoke`` to completion and return the JSON it wrote."""
     subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "engine_throughput.py"), "--smoke", "--out", str(out)],
+        [sys.executable, str(ROOT / "benchmarks" / script), "--smoke", "--out", str(out)],
         check=True,
-        timeout=600,
+        timeout=timeout,
         capture_output=True,
     )
-    report = json.loads(out.read_text())
+    return json.loads(out.read_text())
+
+
+def test_engine_throughput_smoke(tmp_path):
+    out = tmp_path / "engine.json"
+    report = run_smoke("engine_throughput.py", out, timeout=600)
     run = report["runs"][0]
     assert run["model"] == "tiny"
     assert run["engine"]["tasks"] == run["stock"]["tasks"] == 6
@@ -30,13 +35,7 @@ def test_engine_throughput_smoke(tmp_path):
 
 def test_serving_strategies_smoke(tmp_path):
     out = tmp_path / "strategies.json"
-    subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "serving_strategies.py"), "--smoke", "--out", str(out)],
-        check=True,
-        timeout=900,
-        capture_output=True,
-    )
-    report = json.loads(out.read_text())
+    report = run_smoke("serving_strategies.py", out, timeout=900)
     assert set(report["results"]) == {"continuous", "static", "stock"}
     assert report["all_exactly_once"]
     assert out.with_suffix(".png").stat().st_size > 0
@@ -44,25 +43,13 @@ def test_serving_strategies_smoke(tmp_path):
 
 def test_gateway_overhead_smoke(tmp_path):
     out = tmp_path / "overhead.json"
-    subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "gateway_overhead.py"), "--smoke", "--out", str(out)],
-        check=True,
-        timeout=300,
-        capture_output=True,
-    )
-    report = json.loads(out.read_text())
+    report = run_smoke("gateway_overhead.py", out, timeout=300)
     assert report["all_exactly_once"] and report["throughput_ratio"] > 0
 
 
 def test_scheduler_sim_smoke(tmp_path):
     out = tmp_path / "sim.json"
-    subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "scheduler_sim.py"), "--smoke", "--out", str(out)],
-        check=True,
-        timeout=120,
-        capture_output=True,
-    )
-    report = json.loads(out.read_text())
+    report = run_smoke("scheduler_sim.py", out, timeout=120)
     assert set(report["capacity_tasks_per_s"]) == {
         "continuous/deadline",
         "continuous/round-robin",
