@@ -186,6 +186,7 @@ class InprocEngineClient(_QueueOutputs):
         self._max_restarts = max_restarts
         self._restart_window = restart_window
         self._restarts: list[float] = []
+        self._replacing: asyncio.Task | None = None
         self.restart_count = 0
 
     async def start(self) -> None:
@@ -203,8 +204,6 @@ class InprocEngineClient(_QueueOutputs):
         )
 
     def _restart(self, dead, loop: asyncio.AbstractEventLoop) -> None:
-        from .core import EngineCore
-
         if self._closed or self._core is not dead:
             return
         now = time.monotonic()
@@ -219,7 +218,16 @@ class InprocEngineClient(_QueueOutputs):
         self._restarts.append(now)
         self.restart_count += 1
         logger.warning("restarting the engine loop (restart %d)", self.restart_count)
-        self._start_core(EngineCore(dead.runner, self._config), loop)
+        self._replacing = loop.create_task(self._replace(dead, loop))
+
+    async def _replace(self, dead, loop: asyncio.AbstractEventLoop) -> None:
+        """Join the dead core's threads (so no two cores ever share the runner), then
+        start a new core on the same loaded model."""
+        from .core import EngineCore
+
+        await loop.run_in_executor(None, dead.shutdown, 30.0)
+        if not self._closed and self._core is dead:
+            self._start_core(EngineCore(dead.runner, self._config), loop)
 
     @property
     def ready(self) -> bool:
@@ -243,6 +251,8 @@ class InprocEngineClient(_QueueOutputs):
 
     async def close(self) -> None:
         self._closed = True
+        if self._replacing is not None:
+            await self._replacing  # the dead core's threads are joined first
         if self._core is not None:
             core, self._core = self._core, None
             await asyncio.get_running_loop().run_in_executor(None, core.shutdown)

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["DEFAULT_MODEL", "DEFAULT_REVISION", "EngineConfig"]
+__all__ = ["DEFAULT_MODEL", "DEFAULT_REVISION", "VAE_OVERLAP", "EngineConfig"]
 
 DEFAULT_MODEL = "stabilityai/sd-x2-latent-upscaler"
 # The first revision of the hub repository that ships safetensors weights.
 DEFAULT_REVISION = "1f2883b22f62cfb29323770ba9cfdcf601757bd3"
+VAE_OVERLAP = ("auto", "on", "off")
 
 
 @dataclass(frozen=True)
@@ -26,6 +27,10 @@ class EngineConfig:
     group_policy: str = "deadline"  # which shape group a call serves: "deadline" or "round-robin"
     static_batch_delay: float = 0.05  # static mode: seconds to wait for same-size requests
     vae_batch_pixels: int = 4 * 1024 * 1024  # output pixels per batched VAE decode (bounds memory)
+    # Whether VAE work may run while a UNet step runs: "on", "off", or "auto" (on for a
+    # CPU, where they share the cores; off for CUDA, where they would compete for device
+    # memory and the GPU runs one of them at a time anyway).
+    vae_overlap: str = "auto"
 
     # Limits
     max_queue: int = 1024  # requests admitted but not finished; beyond → rateLimitExceeded
@@ -41,6 +46,14 @@ class EngineConfig:
     # fill the machine without oversubscribing it (OpenMP threads that lose their core
     # spin at barriers, which costs far more than it gains).
     torch_threads: int | None = None
+
+    def overlaps_vae(self, device_type: str) -> bool:
+        """Whether VAE calls may overlap UNet calls on a device of ``device_type``."""
+        if self.vae_overlap not in VAE_OVERLAP:
+            raise ValueError(f"unknown vae_overlap {self.vae_overlap!r}: use one of {', '.join(VAE_OVERLAP)}")
+        if self.vae_overlap == "auto":
+            return device_type != "cuda"
+        return self.vae_overlap == "on"
 
     def cpu_threads(self, cores: int | None) -> int:
         """torch intra-op threads on a CPU with ``cores`` cores."""

@@ -14,11 +14,16 @@ Three stages, each on its own threads, connected by queues of plain requests:
 
 Faults stay with the request at fault: a batched call that raises is split in halves
 and retried until the failing request stands alone; an out-of-memory error shrinks the
-row budget instead. Every request ends exactly once (``_finish``).
+row budget instead, which grows back once calls succeed again. On CUDA the two model
+threads take turns on the device (``EngineConfig.vae_overlap``), so a VAE decode never
+takes the memory a UNet step counted on. If either thread dies of a fault, the core
+fails every unfinished request and reports its death (``on_death``). Every request
+ends exactly once (``_finish``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
 import threading
@@ -67,7 +72,11 @@ class EngineCore:
         self._vae_inbox: queue.SimpleQueue = queue.SimpleQueue()  # ("encode" | "decode", …); None stops
         self._vae_thread: threading.Thread | None = None
         self._stopping = False
+        self._dead = False
         self._on_death: Callable[[], None] | None = None
+        # Held around every model call when UNet and VAE work must not overlap.
+        overlap = config.overlaps_vae(torch.device(runner.device).type)
+        self._device_turn = contextlib.nullcontext() if overlap else threading.Lock()
 
     @classmethod
     def load(cls, config: EngineConfig) -> EngineCore:
@@ -99,7 +108,8 @@ class EngineCore:
 
     @property
     def alive(self) -> bool:
-        return self._thread is not None and self._thread.is_alive() and not self._stopping
+        threads = (self._thread, self._vae_thread)
+        return all(t is not None and t.is_alive() for t in threads) and not self._stopping
 
     def add_request(self, api: UpscaleRequest) -> bool:
         """Admit ``api``; False if the queue is full. Its image is decoded on the pool.
@@ -120,19 +130,27 @@ class EngineCore:
         self._inbox.put(("abort", list(request_ids)))
 
     def shutdown(self, timeout: float = 30.0) -> None:
-        """Stop the loop; unfinished requests end with ``ABORTED``."""
+        """Stop the threads; unfinished requests end with ``ABORTED``. Afterwards the
+        runner holds no state of this core's requests, so a new core may take it over
+        (unless a thread outlived ``timeout``, which is logged)."""
         self._stopping = True
         self._inbox.put(("stop", None))
-        if self._thread is not None:
-            self._thread.join(timeout)
         self._vae_inbox.put(None)
-        if self._vae_thread is not None:
-            self._vae_thread.join(timeout)
+        lingering = []
+        for thread in (self._thread, self._vae_thread):
+            if thread is not None:
+                thread.join(timeout)
+                if thread.is_alive():
+                    lingering.append(thread.name)
         self._codec_pool.shutdown(wait=True, cancel_futures=True)
         with self._lock:
             leftover = list(self._requests.values())
         for request in leftover:
             self._finish(request, EngineError(request.request_id, ErrorCode.ABORTED, "the engine shut down"))
+        if lingering:
+            logger.error("engine threads %s did not stop within %.0f s", ", ".join(lingering), timeout)
+        else:
+            self.runner.states.clear()
 
     # Codec pool: decode an input, encode an output
 
@@ -200,6 +218,22 @@ class EngineCore:
 
     # The model thread: UNet steps only.
 
+    def _die(self, thread: str) -> None:
+        """A thread died of a fault: stop the others, fail every unfinished request,
+        and report the death once (the runner's state is cleared by :meth:`shutdown`)."""
+        logger.exception("the engine's %s thread died", thread)
+        with self._lock:
+            first, self._dead = not self._dead, True
+            self._stopping = True
+            leftover = list(self._requests.values())
+        for request in leftover:
+            self._finish(request, _internal(request))
+        self._inbox.put(("stop", None))
+        self._vae_inbox.put(None)
+        self._codec_pool.shutdown(wait=False, cancel_futures=True)
+        if first and self._on_death is not None:
+            self._on_death()
+
     def _run_loop(self) -> None:
         logger.info(
             "engine loop started (%s rows per call, %s batching)", self.scheduler.max_rows, self.config.mode
@@ -212,17 +246,7 @@ class EngineCore:
                     if batch is not None:
                         self._run_batch(batch)
         except Exception:
-            logger.exception("the engine loop died")
-            with self._lock:
-                self._stopping = True
-                leftover = list(self._requests.values())
-            for request in leftover:
-                self._finish(request, _internal(request))
-            self._vae_inbox.put(None)
-            self._codec_pool.shutdown(wait=False, cancel_futures=True)
-            self.runner.states.clear()
-            if self._on_death is not None:
-                self._on_death()
+            self._die("model")
 
     def _take_input(self) -> None:
         """Apply everything in the inbox; wait for input only when there is no work."""
@@ -267,10 +291,15 @@ class EngineCore:
         except _OutOfMemory:
             rows = self.scheduler.shrink()
             logger.warning("out of memory at %d rows; row budget is now %d", batch.rows, rows)
+            return
+        grown = self.scheduler.settle()
+        if grown is not None:
+            logger.info("no out-of-memory error for a while; row budget is now %d", grown)
 
     def _step(self, requests: list[Request], tick: int) -> None:
         batch = ScheduledBatch(requests[0].shape, tuple(requests), sum(r.rows for r in requests), tick)
-        _, seconds = timed(self.runner.step, batch)
+        with self._device_turn:
+            _, seconds = timed(self.runner.step, batch)
         finished = []
         for request in requests:
             request.step_index += 1
@@ -296,6 +325,12 @@ class EngineCore:
     # requests, each batched by shape, while the model thread goes on stepping.
 
     def _run_vae_loop(self) -> None:
+        try:
+            self._serve_vae()
+        except Exception:
+            self._die("VAE")
+
+    def _serve_vae(self) -> None:
         stop = False
         while not stop:
             pending = [self._vae_inbox.get()]
@@ -330,10 +365,11 @@ class EngineCore:
 
     def _prepare_chunk(self, items: list[tuple[Request, PreparedInput]]) -> None:
         live = [(r, p) for r, p in items if not r.status.finished]
-        if not live:
-            return
+        if not live or self._stopping:
+            return  # nothing to do; or no model loop will take them (shutdown aborts them)
         requests = [r for r, _ in live]
-        _, seconds = timed(self.runner.prepare, requests, [p for _, p in live])
+        with self._device_turn:
+            _, seconds = timed(self.runner.prepare, requests, [p for _, p in live])
         for request in requests:
             request.engine_seconds += seconds / len(requests)
         if self._stopping:  # no model loop will take them (their requests have ended)
@@ -343,12 +379,18 @@ class EngineCore:
         self._inbox.put(("ready", requests))
 
     def _decode_chunk(self, requests: list[Request]) -> None:
-        images, seconds = timed(self.runner.decode, requests)
+        with self._device_turn:
+            images, seconds = timed(self.runner.decode, requests)
         for request, pixels in zip(requests, images):
             request.engine_seconds += seconds / len(requests)
             alpha = self.runner.states[request.request_id].prepared.alpha
             self.runner.release(request.request_id)
-            self._codec_pool.submit(self._encode_output, request, pixels, alpha)
+            try:
+                self._codec_pool.submit(self._encode_output, request, pixels, alpha)
+            except RuntimeError:  # the pool was shut down under us: no bytes will come
+                self._finish(
+                    request, EngineError(request.request_id, ErrorCode.ABORTED, "the engine shut down")
+                )
 
     def _fail_in_vae(self, request: Request) -> None:
         self.runner.release(request.request_id)

@@ -38,6 +38,7 @@ __all__ = ["ScheduledBatch", "Scheduler"]
 
 Shape = tuple[int, int]
 POLICIES = ("deadline", "round-robin")
+GROW_AFTER = 200  # calls without running out of memory before a shrunk row budget doubles
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,6 +66,8 @@ class Scheduler:
         if policy not in POLICIES:
             raise ValueError(f"unknown group policy {policy!r}: use one of {', '.join(POLICIES)}")
         self.max_rows = max_rows
+        self.ceiling = max_rows  # the configured budget, which max_rows returns to after a shrink
+        self._calm = 0  # successful calls since the budget last changed
         self.mode = mode
         self.policy = policy
         self.static_delay = static_delay
@@ -166,4 +169,19 @@ class Scheduler:
     def shrink(self) -> int:
         """Halve the row budget after an out-of-memory error; returns the new budget."""
         self.max_rows = max(1, self.max_rows // 2)
+        self._calm = 0
+        return self.max_rows
+
+    def settle(self) -> int | None:
+        """Note a call that ran without running out of memory. After ``GROW_AFTER`` of
+        them in a row under a shrunk budget, the budget doubles again, up to the
+        configured one: memory that a passing peak took (another process, a large VAE
+        batch) is used again. Returns the new budget when it grew."""
+        if self.max_rows >= self.ceiling:
+            return None
+        self._calm += 1
+        if self._calm < GROW_AFTER:
+            return None
+        self._calm = 0
+        self.max_rows = min(self.ceiling, self.max_rows * 2)
         return self.max_rows

@@ -13,7 +13,7 @@ import os
 import signal
 import sys
 
-from engine.config import DEFAULT_MODEL, EngineConfig
+from engine.config import DEFAULT_MODEL, VAE_OVERLAP, EngineConfig
 
 from .config import GatewayConfig
 
@@ -110,6 +110,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _flag(
         g,
+        "--vae-overlap",
+        default="auto",
+        choices=VAE_OVERLAP,
+        help="let VAE encodes/decodes run while a UNet step runs: 'on', 'off', or 'auto' (on for a CPU, "
+        "off for CUDA, where they would compete for GPU memory)",
+    )
+    _flag(
+        g,
         "--engine-queue",
         type=int,
         default=1024,
@@ -158,6 +166,10 @@ def config_from_args(args: argparse.Namespace) -> GatewayConfig:
         raise ValueError(
             f"--group-policy (LATENT_UPSCALER_GROUP_POLICY) must be one of {', '.join(GROUP_POLICIES)}"
         )
+    if args.vae_overlap not in VAE_OVERLAP:
+        raise ValueError(
+            f"--vae-overlap (LATENT_UPSCALER_VAE_OVERLAP) must be one of {', '.join(VAE_OVERLAP)}"
+        )
     if args.torch_threads is not None and args.torch_threads < 1:
         raise ValueError("--torch-threads (LATENT_UPSCALER_TORCH_THREADS) must be at least 1")
     keys = list(args.api_key or [])
@@ -171,6 +183,7 @@ def config_from_args(args: argparse.Namespace) -> GatewayConfig:
         mode=args.batching,
         group_policy=args.group_policy,
         torch_threads=args.torch_threads,
+        vae_overlap=args.vae_overlap,
         max_queue=args.engine_queue,
         max_input_pixels=args.max_input_pixels,
         max_steps=args.max_steps,

@@ -322,7 +322,7 @@ class Connection:
         elif isinstance(task, Upscale):
             self.gateway.submit_upscale(self, task)
         elif isinstance(task, ImageUpload):
-            self.gateway.spawn(self.gateway.upload(self, task))
+            self.gateway.submit_upload(self, task)
         elif isinstance(task, GetResponse):
             self.gateway.get_response(self, task)
 

@@ -123,16 +123,33 @@ class Gateway:
         if connection is None or not connection.send(frame):
             self.sessions.keep(session, frame)
 
+    def _deliver_error(self, session: Session, frame: bytes, origin: Connection | None) -> None:
+        """An error goes where a result would, except to a socket other than the one
+        that sent the task whose client cannot route it (``replays_errors``, see
+        connection.py): the task record keeps it for getResponse."""
+        connection = self._attached.get(session.session_id)
+        if connection is not None and connection is not origin and not connection.replays_errors:
+            return
+        self.deliver(session, frame)
+
     def _finish(
-        self, pending_record: TaskRecord, task, *, item: dict | None = None, error: TaskError | None = None
+        self,
+        pending_record: TaskRecord,
+        task,
+        *,
+        item: dict | None = None,
+        error: TaskError | None = None,
+        origin: Connection | None = None,
     ):
         # The record keeps the item without its image payload (getResponse rebuilds it from
         # the image store), so an hour of task records never holds an hour of images.
         if not self.sessions.finish(pending_record, item=_without_payload(item), error=error):
             return
         if not pending_record.deliver_async:
-            frame = data_frame(item) if error is None else error_frame(error)
-            self.deliver(pending_record.session, frame)
+            if error is None:
+                self.deliver(pending_record.session, data_frame(item))
+            else:
+                self._deliver_error(pending_record.session, error_frame(error), origin)
         webhook = getattr(task, "webhookURL", None)
         if webhook:
             body = item if error is None else error.to_wire()
@@ -192,17 +209,20 @@ class Gateway:
                 parameter="settings.steps",
                 type="integer",
             )
-        if connection.in_flight >= self.config.max_in_flight_per_connection:
-            raise TaskError(
-                "rateLimitExceeded",
-                f"this connection already has {connection.in_flight} tasks in flight "
-                f"(limit {self.config.max_in_flight_per_connection}); wait for results before sending more",
-            )
+        self._check_connection_limit(connection)
         if self.sessions.running(connection.api_key) >= self.config.max_in_flight_per_key:
             raise TaskError(
                 "rateLimitExceeded",
                 f"this API key already has {self.config.max_in_flight_per_key} tasks in flight; "
                 "wait for results before sending more",
+            )
+
+    def _check_connection_limit(self, connection: Connection) -> None:
+        if connection.in_flight >= self.config.max_in_flight_per_connection:
+            raise TaskError(
+                "rateLimitExceeded",
+                f"this connection already has {connection.in_flight} tasks in flight "
+                f"(limit {self.config.max_in_flight_per_connection}); wait for results before sending more",
             )
 
     async def _run_upscale(self, connection: Connection, record: TaskRecord, task: Upscale) -> None:
@@ -273,7 +293,7 @@ class Gateway:
         else:
             logger.error("task %s failed", task.taskUUID, exc_info=exc)
             error = internal_error("imageUpscale", task.taskUUID)
-        self._finish(pending.record, task, error=error)
+        self._finish(pending.record, task, error=error, origin=pending.connection)
 
     async def _check_outbound_urls(self, task: Upscale) -> None:
         for field, url in (("webhookURL", task.webhookURL), ("uploadEndpoint", task.uploadEndpoint)):
@@ -415,11 +435,12 @@ class Gateway:
                     type="string",
                 )
             return stored.data, stored.image_uuid
-        data = _decode_inline(value, field, self.config.max_input_bytes)
-        return data, self._store_input(data)
+        data, media_type = _decode_inline(value, field, self.config.max_input_bytes)
+        return data, self._store_input(data, media_type)
 
-    def _store_input(self, data: bytes) -> str:
-        media_type = codecs.sniff_media_type(data) or "application/octet-stream"
+    def _store_input(self, data: bytes, media_type: str | None = None) -> str:
+        """Store an input; ``media_type`` is what its bytes were sniffed as, if that was done."""
+        media_type = media_type or codecs.sniff_media_type(data) or "application/octet-stream"
         return self.store.put(data, media_type, self.config.output_ttl).image_uuid
 
     async def _fetch(self, url: str, field: str) -> bytes:
@@ -432,7 +453,31 @@ class Gateway:
 
     # Upload and getResponse
 
-    async def upload(self, connection: Connection, task: ImageUpload) -> None:
+    def submit_upload(self, connection: Connection, task: ImageUpload) -> None:
+        """Admit an imageUpload: it counts toward the connection's tasks in flight
+        until its answer is sent, like an upscale."""
+        try:
+            self._check_connection_limit(connection)
+        except TaskError as error:
+            connection.send(error_frame(error.for_task("imageUpload", task.taskUUID)))
+            return
+        connection.in_flight += 1
+        self.spawn(self._run_image_upload(connection, task))
+
+    async def _run_image_upload(self, connection: Connection, task: ImageUpload) -> None:
+        try:
+            connection.send(await self._image_upload_frame(task))
+        except asyncio.CancelledError:
+            connection.send(error_frame(_shutdown_error(task.taskUUID, "imageUpload")))
+            raise
+        except Exception:
+            logger.exception("imageUpload %s failed", task.taskUUID)
+            connection.send(error_frame(internal_error("imageUpload", task.taskUUID)))
+        finally:
+            connection.in_flight -= 1
+
+    async def _image_upload_frame(self, task: ImageUpload) -> bytes:
+        """The answer to an imageUpload: the stored image's UUID, or why it was refused."""
         try:
             data, image_uuid = await self.resolve_image(task.image, "image")
             await asyncio.to_thread(
@@ -443,21 +488,17 @@ class Gateway:
             )
         except codecs.ImageError as exc:
             error = TaskError(str(exc.code), str(exc), parameter="image", type="string")
-            connection.send(error_frame(error.for_task("imageUpload", task.taskUUID)))
-            return
+            return error_frame(error.for_task("imageUpload", task.taskUUID))
         except TaskError as error:
-            connection.send(error_frame(error.for_task("imageUpload", task.taskUUID)))
-            return
+            return error_frame(error.for_task("imageUpload", task.taskUUID))
         stored = self.store.get(image_uuid)
-        connection.send(
-            data_frame(
-                {
-                    "taskType": "imageUpload",
-                    "taskUUID": task.taskUUID,
-                    "imageUUID": image_uuid,
-                    "imageURL": self.image_url(stored) if stored else None,
-                }
-            )
+        return data_frame(
+            {
+                "taskType": "imageUpload",
+                "taskUUID": task.taskUUID,
+                "imageUUID": image_uuid,
+                "imageURL": self.image_url(stored) if stored else None,
+            }
         )
 
     def get_response(self, connection: Connection, task: GetResponse) -> None:
@@ -521,7 +562,8 @@ def _is_uuid(value: str) -> bool:
     return True
 
 
-def _decode_inline(value: str, field: str, max_bytes: int) -> bytes:
+def _decode_inline(value: str, field: str, max_bytes: int) -> tuple[bytes, str | None]:
+    """The bytes of a data URI or raw base64, and the media type they were sniffed as."""
     declared = None
     if value.startswith("data:"):
         header, sep, value = value.partition(",")
@@ -563,7 +605,7 @@ def _decode_inline(value: str, field: str, max_bytes: int) -> bytes:
             parameter=field,
             type="string",
         )
-    return data
+    return data, sniffed
 
 
 def _engine_error(error: EngineError, field: str) -> TaskError:
@@ -577,10 +619,10 @@ def _engine_error(error: EngineError, field: str) -> TaskError:
     return TaskError(code, error.message, parameter=field, type="string")
 
 
-def _shutdown_error(task_uuid: str) -> TaskError:
+def _shutdown_error(task_uuid: str, task_type: str = "imageUpscale") -> TaskError:
     return TaskError(
         "taskAborted",
         "the server shut down before the task finished",
-        task_type="imageUpscale",
+        task_type=task_type,
         task_uuid=task_uuid,
     )

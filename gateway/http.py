@@ -1,17 +1,18 @@
 """Outbound HTTP: image URLs in, webhooks and uploads out, all behind an SSRF guard.
 
 Every request goes through :class:`Outbound`, an ``httpx.AsyncClient`` with explicit
-timeouts and limits and an injectable transport (tests pass a real local server, or
-``httpx.MockTransport``). Redirects are followed by hand so that each hop is checked
-again by :class:`AddressGuard`, which resolves the host and refuses private, loopback,
+timeouts and limits and an injectable transport (tests pass ``httpx.MockTransport``).
+Redirects are followed by hand so that each hop is checked again by
+:class:`AddressGuard`, which resolves the host and refuses private, loopback,
 link-local, multicast, reserved and unspecified addresses unless the server was
 started with ``--allow-private-networks``.
 
-httpx errors become :class:`OutboundError` here and nowhere else.
+The default transport connects through :class:`_PinnedBackend`: each new connection
+resolves its host through the guard and connects to an address the guard has just
+checked, so a DNS server that answers differently the second time (DNS rebinding)
+cannot steer a request to a private address. TLS still verifies the host name.
 
-Known limit: the guard checks the addresses a name resolves to, then httpx resolves
-it again to connect; a DNS server that answers differently the second time (DNS
-rebinding) could slip past. Pinning the checked address needs a custom transport.
+httpx errors become :class:`OutboundError` here and nowhere else.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from urllib.parse import urljoin, urlsplit
 
+import httpcore
 import httpx
 
 __all__ = ["AddressGuard", "Outbound", "OutboundError", "RetryPolicy"]
@@ -40,32 +42,87 @@ class OutboundError(Exception):
         self.reason = reason
 
 
-class AddressGuard:
-    """Refuses URLs whose host resolves to a non-public address (SSRF)."""
+Resolver = Callable[[str, int], Awaitable[list[str]]]
 
-    def __init__(self, allow_private: bool = False) -> None:
+
+async def _system_resolve(host: str, port: int) -> list[str]:
+    infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    return [info[4][0] for info in infos]
+
+
+class AddressGuard:
+    """Refuses URLs whose host resolves to a non-public address (SSRF). ``resolve``
+    (host, port → addresses) is the system resolver unless a test passes another."""
+
+    def __init__(self, allow_private: bool = False, resolve: Resolver = _system_resolve) -> None:
         self.allow_private = allow_private
+        self._resolve = resolve
 
     async def check(self, url: str) -> None:
         parts = urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise OutboundError("invalid", f"not an http(s) URL: {url[:200]!r}")
-        if self.allow_private:
-            return
-        host = parts.hostname
-        port = parts.port or (443 if parts.scheme == "https" else 80)
+        if not self.allow_private:
+            await self.addresses(parts.hostname, parts.port or (443 if parts.scheme == "https" else 80))
+
+    async def addresses(self, host: str, port: int) -> list[str]:
+        """The addresses ``host`` resolves to, all checked; raises if any is refused."""
         try:
-            infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
-        except socket.gaierror as exc:
+            found = await self._resolve(host, port)
+        except (socket.gaierror, UnicodeError) as exc:
             raise OutboundError("network", f"cannot resolve host {host!r}") from exc
-        for info in infos:
-            address = ipaddress.ip_address(info[4][0].split("%", 1)[0])
-            if not _is_public(address):
+        if not found:
+            raise OutboundError("network", f"cannot resolve host {host!r}")
+        for text in found:
+            address = ipaddress.ip_address(text.split("%", 1)[0])
+            if not self.allow_private and not _is_public(address):
                 raise OutboundError(
                     "blocked",
                     f"host {host!r} resolves to {address}, a private or local address; "
                     "the server refuses those unless started with --allow-private-networks",
                 )
+        return found
+
+
+class _PinnedBackend(httpcore.AsyncNetworkBackend):
+    """httpcore's network backend, but every TCP connection goes to an address that
+    :class:`AddressGuard` resolved and checked at that moment."""
+
+    def __init__(self, guard: AddressGuard) -> None:
+        self._guard = guard
+        self._inner = httpcore.AnyIOBackend()
+
+    async def connect_tcp(self, host, port, timeout=None, local_address=None, socket_options=None):
+        last: Exception | None = None
+        for address in await self._guard.addresses(host, port):
+            try:
+                return await self._inner.connect_tcp(
+                    address, port, timeout=timeout, local_address=local_address, socket_options=socket_options
+                )
+            except (httpcore.ConnectError, httpcore.ConnectTimeout) as exc:
+                last = exc
+        assert last is not None
+        raise last
+
+    async def connect_unix_socket(self, path, timeout=None, socket_options=None):
+        raise OutboundError("invalid", "outbound requests do not use Unix sockets")
+
+    async def sleep(self, seconds: float) -> None:
+        await self._inner.sleep(seconds)
+
+
+def _pinned_transport(guard: AddressGuard, limits: httpx.Limits) -> httpx.AsyncHTTPTransport:
+    transport = httpx.AsyncHTTPTransport(limits=limits, trust_env=False)
+    # httpx has no argument for the network backend: give its transport a pool that
+    # uses ours, with the same settings (``_pool`` has been its pool since httpx 0.18).
+    transport._pool = httpcore.AsyncConnectionPool(
+        ssl_context=httpx.create_ssl_context(trust_env=False),
+        max_connections=limits.max_connections,
+        max_keepalive_connections=limits.max_keepalive_connections,
+        keepalive_expiry=limits.keepalive_expiry,
+        network_backend=_PinnedBackend(guard),
+    )
+    return transport
 
 
 def _is_public(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
@@ -96,17 +153,19 @@ class Outbound:
         max_redirects: int = 3,
         retry: RetryPolicy = RetryPolicy(),
         transport: httpx.AsyncBaseTransport | None = None,
+        guard: AddressGuard | None = None,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ) -> None:
-        self.guard = AddressGuard(allow_private)
+        self.guard = guard or AddressGuard(allow_private)
         self.timeout = timeout
         self.max_redirects = max_redirects
         self.retry = retry
         self._sleep = sleep
+        limits = httpx.Limits(max_connections=64, max_keepalive_connections=16)
         self._client = httpx.AsyncClient(
-            transport=transport,
+            transport=transport or _pinned_transport(self.guard, limits),
             timeout=httpx.Timeout(timeout),
-            limits=httpx.Limits(max_connections=64, max_keepalive_connections=16),
+            limits=limits,
             follow_redirects=False,
             headers={"User-Agent": "latent-upscale-gateway"},
             trust_env=False,

@@ -48,7 +48,12 @@ def test_engine_scheduling_flags(monkeypatch):
     config = parse(["--torch-threads", "3"], monkeypatch, LATENT_UPSCALER_GROUP_POLICY="round-robin")
     assert config.engine.group_policy == "round-robin" and config.engine.torch_threads == 3
     monkeypatch.delenv("LATENT_UPSCALER_GROUP_POLICY")
-    assert parse([], monkeypatch).engine.group_policy == "deadline"
+    defaults = parse([], monkeypatch).engine
+    assert defaults.group_policy == "deadline" and defaults.vae_overlap == "auto"
+    assert defaults.overlaps_vae("cpu") and not defaults.overlaps_vae("cuda")
+    forced = parse([], monkeypatch, LATENT_UPSCALER_VAE_OVERLAP="on").engine
+    assert forced.overlaps_vae("cuda")
+    assert not parse(["--vae-overlap", "off"], monkeypatch).engine.overlaps_vae("cpu")
 
 
 def test_bad_engine_scheduling_values_are_refused(monkeypatch):
@@ -59,3 +64,5 @@ def test_bad_engine_scheduling_values_are_refused(monkeypatch):
     monkeypatch.delenv("LATENT_UPSCALER_GROUP_POLICY")
     with pytest.raises(ValueError, match="at least 1"):
         parse(["--torch-threads", "0"], monkeypatch)
+    with pytest.raises(ValueError, match="LATENT_UPSCALER_VAE_OVERLAP"):
+        parse([], monkeypatch, LATENT_UPSCALER_VAE_OVERLAP="sometimes")

@@ -297,3 +297,50 @@ def test_decoding_never_holds_up_the_unet(core):
     release.set()
     results = collector.wait(["short", "long"])
     assert all(isinstance(r, UpscaleResult) for r in results.values())
+
+
+def test_without_vae_overlap_a_decode_and_a_step_take_turns():
+    """``vae_overlap="off"`` (the CUDA default): no UNet step runs while a decode does,
+    so the two never compete for device memory."""
+    from dataclasses import replace
+
+    core = EngineCore.load(replace(CONFIG, vae_overlap="off"))
+    core.runner.unet = CountingUNet(core.runner.unet)
+    decode = core.runner.decode
+    steps_during_decodes = []
+
+    def slow_decode(requests):
+        before = core.runner.unet.calls_by_shape().get((16, 16), 0)
+        time.sleep(0.3)  # long enough for several tiny UNet steps, were they allowed
+        result = decode(requests)
+        steps_during_decodes.append(core.runner.unet.calls_by_shape().get((16, 16), 0) - before)
+        return result
+
+    core.runner.decode = slow_decode
+    try:
+        results, _ = run(
+            core, [request("short", make_png(64, 64), steps=1), request("long", make_png(64, 64), steps=6)]
+        )
+    finally:
+        core.shutdown()
+    assert all(isinstance(r, UpscaleResult) for r in results.values())
+    assert steps_during_decodes and set(steps_during_decodes) == {0}
+    assert core.runner.states == {}
+
+
+def test_a_dead_vae_thread_fails_every_request_and_is_reported(core):
+    deaths = []
+
+    def explode(*args, **kwargs):
+        raise RuntimeError("injected VAE thread fault")
+
+    core._in_chunks = explode
+    collector = Collector()
+    submit_burst(core, [request(f"v{i}", make_png(64, 64, seed=i), steps=2) for i in range(3)])
+    core.start(collector, on_death=lambda: deaths.append(True))
+    results = collector.wait([f"v{i}" for i in range(3)])
+    assert all(r.code is ErrorCode.INTERNAL for r in results.values())
+    assert all(len(v) == 1 for v in collector.terminal.values())
+    assert deaths == [True] and not core.alive
+    core.shutdown()
+    assert core.runner.states == {}

@@ -213,6 +213,33 @@ async def test_in_flight_limit_per_connection():
         await assert_still_works(c)
 
 
+async def test_uploads_count_toward_the_in_flight_limit():
+    engine = HeldEngineClient()
+    async with serving(max_in_flight_per_connection=2, engine=engine) as server, client(server) as c:
+        upload = {
+            "taskType": "imageUpload",
+            "taskUUID": str(uuid.uuid4()),
+            "image": data_uri(png_bytes(8, 8)),
+        }
+        running = [upscale_task(), upscale_task()]
+        await c.send(running)
+        await wait_until(lambda: len(engine.held) == 2)
+        error = await c.error([upload])
+        assert (error["code"], error["taskType"], error["taskUUID"]) == (
+            "rateLimitExceeded",
+            "imageUpload",
+            upload["taskUUID"],
+        )
+        engine.release(stop_holding=True)
+        await c.collect({t["taskUUID"] for t in running})
+        upload["taskUUID"] = str(uuid.uuid4())
+        (answer,) = (await c.run([upload]))[upload["taskUUID"]]  # a finished upload frees its slot
+        assert answer["imageUUID"]
+        assert server.gateway._attached and all(
+            conn.in_flight == 0 for conn in server.gateway._attached.values()
+        )
+
+
 async def test_output_types_and_formats(null_server):
     async with client(null_server) as c:
         tasks = [
@@ -373,6 +400,34 @@ async def test_missed_errors_are_replayed_except_to_clients_that_fail_every_task
                 assert replayed[bad["taskUUID"]][0]["code"] == "invalidInputImage"
             await c.send([{"taskType": "getResponse", "taskUUID": bad["taskUUID"]}])
             assert (await c.recv())["errors"][0]["code"] == "invalidInputImage"  # kept either way
+
+
+@pytest.mark.parametrize(
+    "user_agent, errors_sent",
+    [(None, True), ("runware-python/1.8.0 (python/3.11.7; Linux x86_64) schemas/20260623192341", False)],
+)
+async def test_an_error_finishing_after_a_resume_follows_the_same_rule(user_agent, errors_sent):
+    """The task fails while the resumed socket is attached: it is sent live, or (to a
+    client that fails every task on an error it cannot route) kept for getResponse."""
+    engine = HeldEngineClient()
+    broken_png = data_uri(b"\x89PNG\r\n\x1a\n" + b"\x00" * 64)
+    async with serving(engine=engine) as server:
+        good, bad = upscale_task(), upscale_task(broken_png)
+        async with client(server, key=None, user_agent=user_agent) as c:
+            session = await c.auth("k1")
+            await c.send([good, bad])
+            await wait_until(lambda: len(engine.held) == 2)
+        await wait_until(lambda: not server.gateway._attached)
+        async with client(server, key=None, user_agent=user_agent) as c:
+            assert await c.auth("k1", session) == session
+            engine.release(stop_holding=True)  # both finish now, live on the new socket
+            seen = await c.collect({good["taskUUID"]} | ({bad["taskUUID"]} if errors_sent else set()))
+            assert await c.quiet() == []
+            assert seen[good["taskUUID"]][0]["status"] == "success"
+            if errors_sent:
+                assert seen[bad["taskUUID"]][0]["code"] == "invalidInputImage"
+            await c.send([{"taskType": "getResponse", "taskUUID": bad["taskUUID"]}])
+            assert (await c.recv())["errors"][0]["code"] == "invalidInputImage"
 
 
 async def test_missed_results_are_gone_after_120_s_and_never_go_to_another_key():

@@ -140,3 +140,47 @@ async def test_upload_gives_up_after_its_tries(server):
     assert len(Recorder.received) == 5 and Recorder.received[0][2] == "image/png"
     assert slept == [0.25, 0.5, 1.0, 2.0]
     await out.aclose()
+
+
+def scripted_resolver(*answers: list[str]):
+    """A resolver that gives each answer in turn (the last one from then on)."""
+    calls: list[str] = []
+
+    async def resolve(host: str, port: int) -> list[str]:
+        calls.append(host)
+        return answers[min(len(calls), len(answers)) - 1]
+
+    resolve.calls = calls
+    return resolve
+
+
+async def test_connections_go_to_the_address_the_guard_resolved(server):
+    """The name does not exist for the system resolver: only a connection made to the
+    guard's own answer can reach the server."""
+    port = server.rsplit(":", 1)[1]
+    resolve = scripted_resolver(["127.0.0.1"])
+    out = Outbound(guard=AddressGuard(allow_private=True, resolve=resolve))
+    data, content_type = await out.fetch(f"http://pinned.invalid:{port}/image", max_bytes=10_000)
+    assert data == Recorder.body and content_type == "image/png"
+    assert resolve.calls == ["pinned.invalid"]
+    await out.aclose()
+
+
+async def test_dns_rebinding_between_check_and_connect_is_refused(server):
+    """The first answer (checked before the request) is public; the one given when the
+    connection is made is loopback: the connection is refused, the server never hit."""
+    port = server.rsplit(":", 1)[1]
+    resolve = scripted_resolver(["93.184.216.34"], ["127.0.0.1"])
+    out = Outbound(guard=AddressGuard(resolve=resolve))
+    with pytest.raises(OutboundError) as err:
+        await out.fetch(f"http://rebind.invalid:{port}/image", max_bytes=10_000)
+    assert err.value.reason == "blocked" and "127.0.0.1" in str(err.value)
+    assert len(resolve.calls) == 2
+    await out.aclose()
+    resolve = scripted_resolver(["93.184.216.34"], ["127.0.0.1"])
+    out = Outbound(guard=AddressGuard(resolve=resolve), sleep=no_sleep)
+    with pytest.raises(OutboundError) as err:
+        await out.post_json(f"http://rebind.invalid:{port}/hook", b"{}")
+    assert err.value.reason == "blocked" and len(resolve.calls) == 2
+    assert Recorder.received == []  # the webhook never reached the loopback server
+    await out.aclose()

@@ -105,6 +105,17 @@ def test_static_mode_waits_then_runs_a_frozen_batch_to_completion():
     assert [r.request_id for r in s.schedule().requests] == ["a"]  # nobody joins late
 
 
-def test_shrink_halves_the_budget():
+def test_shrink_halves_the_budget_and_calm_grows_it_back():
+    from engine.scheduler import GROW_AFTER
+
     s = Scheduler(max_rows=16)
+    assert s.settle() is None  # at the configured budget there is nothing to regain
     assert s.shrink() == 8 and s.shrink() == 4
+    assert [s.settle() for _ in range(GROW_AFTER - 1)] == [None] * (GROW_AFTER - 1)
+    assert s.settle() == 8
+    for _ in range(GROW_AFTER - 1):
+        s.settle()
+    assert s.shrink() == 4  # another out-of-memory error restarts the count
+    assert all(s.settle() is None for _ in range(GROW_AFTER - 1))
+    assert s.settle() == 8 and [s.settle() for _ in range(GROW_AFTER)][-1] == 16
+    assert all(s.settle() is None for _ in range(GROW_AFTER)) and s.max_rows == 16
