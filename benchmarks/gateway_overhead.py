@@ -23,7 +23,6 @@ import argparse
 import asyncio
 import json
 import logging
-import os
 import statistics
 import sys
 import tempfile
@@ -82,11 +81,9 @@ async def load(url: str, tasks: int, args, **mode) -> dict:
         command += (
             ["--rate", str(mode["rate"])] if "rate" in mode else ["--concurrency", str(args.concurrency)]
         )
-        process = await asyncio.create_subprocess_exec(
-            *command,
-            stdout=asyncio.subprocess.DEVNULL,
-            preexec_fn=(lambda: os.nice(args.loadgen_nice)) if args.loadgen_nice else None,
-        )
+        if args.loadgen_nice:
+            command = ["nice", "-n", str(args.loadgen_nice), *command]
+        process = await asyncio.create_subprocess_exec(*command, stdout=asyncio.subprocess.DEVNULL)
         if await process.wait() != 0:
             raise RuntimeError(f"the load generator failed: {command}")
         return json.loads(Path(out.name).read_text())

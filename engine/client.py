@@ -225,7 +225,9 @@ class InprocEngineClient(_QueueOutputs):
         start a new core on the same loaded model."""
         from .core import EngineCore
 
-        await loop.run_in_executor(None, dead.shutdown, 30.0)
+        if not await loop.run_in_executor(None, dead.shutdown, 60.0):
+            logger.error("not restarting the engine: threads of the dead one are still running")
+            return
         if not self._closed and self._core is dead:
             self._start_core(EngineCore(dead.runner, self._config), loop)
 
@@ -252,7 +254,8 @@ class InprocEngineClient(_QueueOutputs):
     async def close(self) -> None:
         self._closed = True
         if self._replacing is not None:
-            await self._replacing  # the dead core's threads are joined first
+            # The dead core's threads are joined first; how that went was logged there.
+            await asyncio.gather(self._replacing, return_exceptions=True)
         if self._core is not None:
             core, self._core = self._core, None
             await asyncio.get_running_loop().run_in_executor(None, core.shutdown)

@@ -76,7 +76,7 @@ class EngineCore:
         self._on_death: Callable[[], None] | None = None
         # Held around every model call when UNet and VAE work must not overlap.
         overlap = config.overlaps_vae(torch.device(runner.device).type)
-        self._device_turn = contextlib.nullcontext() if overlap else threading.Lock()
+        self._device_turn = contextlib.nullcontext() if overlap else _Turns()
 
     @classmethod
     def load(cls, config: EngineConfig) -> EngineCore:
@@ -93,7 +93,7 @@ class EngineCore:
 
     def start(self, emit: Emit, on_death: Callable[[], None] | None = None) -> None:
         """Start the model thread; every output goes to ``emit`` (from any thread).
-        ``on_death`` is called (on the model thread) if the loop dies of a fault, after
+        ``on_death`` is called (on the thread that died) if a thread dies of a fault, after
         every unfinished request was failed with ``internalError``."""
         self._on_death = on_death
         with self._lock:
@@ -123,34 +123,42 @@ class EngineCore:
                 raise ValueError(f"request {api.request_id!r} is already in the engine")
             request = Request(api)
             self._requests[api.request_id] = request
-        self._codec_pool.submit(self._decode_input, request)
+        try:
+            self._codec_pool.submit(self._decode_input, request)
+        except RuntimeError as exc:  # the pool was shut down since the check above
+            with self._lock:
+                self._requests.pop(api.request_id, None)
+            raise EngineStopped("the engine loop is not running") from exc
         return True
 
     def abort(self, request_ids: Iterable[str]) -> None:
         self._inbox.put(("abort", list(request_ids)))
 
-    def shutdown(self, timeout: float = 30.0) -> None:
-        """Stop the threads; unfinished requests end with ``ABORTED``. Afterwards the
-        runner holds no state of this core's requests, so a new core may take it over
-        (unless a thread outlived ``timeout``, which is logged)."""
+    def shutdown(self, timeout: float = 30.0) -> bool:
+        """Stop the threads (the model thread first, so that requests that take their
+        last step meanwhile are still decoded); unfinished requests end with
+        ``ABORTED``. Returns True if every thread stopped within ``timeout`` seconds
+        each: only then is the runner free of this core's state, for a new core."""
         self._stopping = True
         self._inbox.put(("stop", None))
-        self._vae_inbox.put(None)
         lingering = []
-        for thread in (self._thread, self._vae_thread):
-            if thread is not None:
-                thread.join(timeout)
-                if thread.is_alive():
-                    lingering.append(thread.name)
+        if self._thread is not None:
+            self._thread.join(timeout)
+            lingering += [self._thread.name] if self._thread.is_alive() else []
+        self._vae_inbox.put(None)
+        if self._vae_thread is not None:
+            self._vae_thread.join(timeout)
+            lingering += [self._vae_thread.name] if self._vae_thread.is_alive() else []
         self._codec_pool.shutdown(wait=True, cancel_futures=True)
         with self._lock:
             leftover = list(self._requests.values())
         for request in leftover:
             self._finish(request, EngineError(request.request_id, ErrorCode.ABORTED, "the engine shut down"))
         if lingering:
-            logger.error("engine threads %s did not stop within %.0f s", ", ".join(lingering), timeout)
-        else:
-            self.runner.states.clear()
+            logger.error("engine threads %s did not stop within %.1f s", ", ".join(lingering), timeout)
+            return False
+        self.runner.states.clear()
+        return True
 
     # Codec pool: decode an input, encode an output
 
@@ -292,7 +300,7 @@ class EngineCore:
             rows = self.scheduler.shrink()
             logger.warning("out of memory at %d rows; row budget is now %d", batch.rows, rows)
             return
-        grown = self.scheduler.settle()
+        grown = self.scheduler.settle() if batch.rows >= self.scheduler.max_rows else None
         if grown is not None:
             logger.info("no out-of-memory error for a while; row budget is now %d", grown)
 
@@ -339,8 +347,8 @@ class EngineCore:
                     pending.append(self._vae_inbox.get_nowait())
                 except queue.Empty:
                     break
-            stop = None in pending
-            jobs = [job for job in pending if job is not None]
+            stop = None in pending or self._dead
+            jobs = [] if self._dead else [job for job in pending if job is not None]
             with torch.inference_mode():
                 # Newcomers first: they hold up UNet work; finished ones only wait for bytes.
                 encodes = [item for kind, item in jobs if kind == "encode"]
@@ -379,6 +387,11 @@ class EngineCore:
         self._inbox.put(("ready", requests))
 
     def _decode_chunk(self, requests: list[Request]) -> None:
+        for request in [r for r in requests if r.status.finished]:  # failed meanwhile (core died)
+            self.runner.release(request.request_id)
+        requests = [r for r in requests if not r.status.finished]
+        if not requests:
+            return
         with self._device_turn:
             images, seconds = timed(self.runner.decode, requests)
         for request, pixels in zip(requests, images):
@@ -425,6 +438,29 @@ class EngineCore:
         half = len(items) // 2
         for part in (items[:half], items[half:]):
             self._isolate(call, part, shrink_on_oom=False, fail=fail, **kwargs)
+
+
+class _Turns:
+    """A lock that hands over in the order of asking. With ``threading.Lock`` the model
+    thread, which asks again at once, could keep the device from the VAE thread for
+    several steps in a row."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._next_ticket = 0
+        self._serving = 0
+
+    def __enter__(self) -> None:
+        with self._cond:
+            ticket = self._next_ticket
+            self._next_ticket += 1
+            while ticket != self._serving:
+                self._cond.wait()
+
+    def __exit__(self, *exc_info) -> None:
+        with self._cond:
+            self._serving += 1
+            self._cond.notify_all()
 
 
 class EngineStopped(RuntimeError):

@@ -139,7 +139,7 @@ class Gateway:
         *,
         item: dict | None = None,
         error: TaskError | None = None,
-        origin: Connection | None = None,
+        origin: Connection,
     ):
         # The record keeps the item without its image payload (getResponse rebuilds it from
         # the image store), so an hour of task records never holds an hour of images.
@@ -284,7 +284,7 @@ class Gateway:
         task = pending.task
         pending.connection.in_flight -= 1
         if exc is None:
-            self._finish(pending.record, task, item=item)
+            self._finish(pending.record, task, item=item, origin=pending.connection)
             return
         if isinstance(exc, TaskError):
             error = exc.for_task("imageUpscale", task.taskUUID)

@@ -54,9 +54,12 @@ class AddressGuard:
     """Refuses URLs whose host resolves to a non-public address (SSRF). ``resolve``
     (host, port → addresses) is the system resolver unless a test passes another."""
 
-    def __init__(self, allow_private: bool = False, resolve: Resolver = _system_resolve) -> None:
+    def __init__(
+        self, allow_private: bool = False, resolve: Resolver = _system_resolve, resolve_timeout: float = 5.0
+    ) -> None:
         self.allow_private = allow_private
         self._resolve = resolve
+        self.resolve_timeout = resolve_timeout
 
     async def check(self, url: str) -> None:
         parts = urlsplit(url)
@@ -68,9 +71,14 @@ class AddressGuard:
     async def addresses(self, host: str, port: int) -> list[str]:
         """The addresses ``host`` resolves to, all checked; raises if any is refused."""
         try:
-            found = await self._resolve(host, port)
+            async with asyncio.timeout(self.resolve_timeout):
+                found = await self._resolve(host, port)
         except (socket.gaierror, UnicodeError) as exc:
             raise OutboundError("network", f"cannot resolve host {host!r}") from exc
+        except TimeoutError as exc:
+            raise OutboundError(
+                "timeout", f"resolving {host!r} took over {self.resolve_timeout:g} s"
+            ) from exc
         if not found:
             raise OutboundError("network", f"cannot resolve host {host!r}")
         for text in found:
@@ -115,6 +123,10 @@ def _pinned_transport(guard: AddressGuard, limits: httpx.Limits) -> httpx.AsyncH
     transport = httpx.AsyncHTTPTransport(limits=limits, trust_env=False)
     # httpx has no argument for the network backend: give its transport a pool that
     # uses ours, with the same settings (``_pool`` has been its pool since httpx 0.18).
+    if not isinstance(getattr(transport, "_pool", None), httpcore.AsyncConnectionPool):
+        raise RuntimeError(
+            f"this httpx ({httpx.__version__}) has no connection pool to pin; use httpx 0.27/0.28"
+        )
     transport._pool = httpcore.AsyncConnectionPool(
         ssl_context=httpx.create_ssl_context(trust_env=False),
         max_connections=limits.max_connections,

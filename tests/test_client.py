@@ -100,3 +100,31 @@ async def test_a_dead_engine_loop_fails_its_requests_and_restarts():
     seen = await collect(client, {"after"})
     assert isinstance(seen["after"][-1], UpscaleResult)
     await client.close()
+
+
+async def test_no_restart_while_a_thread_of_the_dead_engine_still_runs(caplog):
+    """Two engines must never share the loaded model: if the dead one's threads cannot
+    be joined, the client stays down and says so."""
+    client = InprocEngineClient(EngineConfig(model="tiny", device="cpu", dtype="fp32"))
+    await client.start()
+    core = client._core
+    shutdown = core.shutdown
+    core.shutdown = lambda timeout=30.0: shutdown(0.0) and False  # as if a thread outlived the join
+
+    def explode():
+        raise RuntimeError("injected loop fault")
+
+    core.scheduler.schedule = explode
+    client.submit(UpscaleRequest("doomed", make_png(64, 64), steps=2))
+    seen = await collect(client, {"doomed"})
+    assert seen["doomed"][-1].code is ErrorCode.INTERNAL
+    for _ in range(200):
+        if "not restarting" in caplog.text:
+            break
+        await asyncio.sleep(0.01)
+    assert "not restarting" in caplog.text
+    assert client._core is core and not client.ready and client.restart_count == 1
+    with pytest.raises(EngineUnavailable):
+        client.submit(UpscaleRequest("after", make_png(64, 64), steps=2))
+    core.shutdown = shutdown
+    await client.close()

@@ -232,7 +232,7 @@ def test_static_mode_runs_batches_to_completion():
     assert counter.calls_by_shape() == {(16, 16): 5}
 
 
-def test_out_of_memory_shrinks_the_batch_and_loses_nothing(core):
+def test_out_of_memory_shrinks_the_batch_and_loses_nothing(core, monkeypatch):
     def fault(sample, timestep, **kwargs):
         if sample.shape[0] > 2:
             raise torch.OutOfMemoryError("CUDA out of memory (injected)")
@@ -243,6 +243,12 @@ def test_out_of_memory_shrinks_the_batch_and_loses_nothing(core):
     assert all(isinstance(r, UpscaleResult) for r in results.values())
     assert all(len(v) == 1 for v in collector.terminal.values())
     assert core.scheduler.max_rows <= 2
+    # Once calls that fill the shrunk budget run without running out of memory, it grows back.
+    monkeypatch.setattr("engine.scheduler.GROW_AFTER", 2)
+    core.runner.unet.fault = None
+    submit_burst(core, [request(f"g{i}", make_png(64, 64, seed=i), steps=3) for i in range(6)])
+    assert all(isinstance(r, UpscaleResult) for r in collector.wait([f"g{i}" for i in range(6)]).values())
+    assert core.scheduler.max_rows > 2
 
 
 def test_a_fault_in_vae_encode_or_decode_fails_only_that_request(core):
@@ -344,3 +350,47 @@ def test_a_dead_vae_thread_fails_every_request_and_is_reported(core):
     assert deaths == [True] and not core.alive
     core.shutdown()
     assert core.runner.states == {}
+
+
+def test_shutdown_says_whether_the_runner_is_free():
+    """A thread that outlives the timeout keeps the runner: shutdown returns False and
+    leaves the state alone (a restart then waits); once it stops, True and a clean runner."""
+    core = EngineCore.load(CONFIG)
+    release, decoding = threading.Event(), threading.Event()
+    decode = core.runner.decode
+
+    def held_decode(requests):
+        decoding.set()
+        assert release.wait(60)
+        return decode(requests)
+
+    core.runner.decode = held_decode
+    collector = Collector()
+    submit_burst(core, [request("held", make_png(64, 64), steps=1)])
+    core.start(collector)
+    assert decoding.wait(60)
+    assert core.shutdown(timeout=0.2) is False
+    assert "held" in core.runner.states
+    release.set()
+    assert core.shutdown(timeout=60) is True
+    assert core.runner.states == {}
+    assert collector.wait(["held"])["held"].code is ErrorCode.ABORTED
+    assert collector.queue.empty()  # and nothing after it
+
+
+def test_device_turns_are_handed_over_in_the_order_asked():
+    """The model thread asks again as soon as it lets go; the VAE thread, which asked
+    first, still goes first."""
+    from engine.core import _Turns
+
+    turns, order = _Turns(), []
+    with turns:
+        waiter = threading.Thread(target=lambda: [turns.__enter__(), order.append("vae"), turns.__exit__()])
+        waiter.start()
+        deadline = time.monotonic() + 10
+        while turns._next_ticket < 2 and time.monotonic() < deadline:  # the VAE thread is waiting
+            time.sleep(0.001)
+    with turns:
+        order.append("unet")
+    waiter.join(10)
+    assert order == ["vae", "unet"]

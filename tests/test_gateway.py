@@ -240,6 +240,28 @@ async def test_uploads_count_toward_the_in_flight_limit():
         )
 
 
+async def test_an_upload_that_fails_inside_the_gateway_is_still_answered(null_server, monkeypatch):
+    async def broken(task):
+        raise RuntimeError("injected fault")
+
+    monkeypatch.setattr(null_server.gateway, "_image_upload_frame", broken)
+    async with client(null_server) as c:
+        upload = {
+            "taskType": "imageUpload",
+            "taskUUID": str(uuid.uuid4()),
+            "image": data_uri(png_bytes(8, 8)),
+        }
+        error = await c.error([upload])
+        assert (error["code"], error["taskType"], error["taskUUID"]) == (
+            "internalError",
+            "imageUpload",
+            upload["taskUUID"],
+        )
+        monkeypatch.undo()
+        await assert_still_works(c)
+        assert all(conn.in_flight == 0 for conn in null_server.gateway._attached.values())
+
+
 async def test_output_types_and_formats(null_server):
     async with client(null_server) as c:
         tasks = [
