@@ -19,6 +19,7 @@ import logging
 import random
 import time
 import uuid
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -74,6 +75,7 @@ class Gateway:
         )
         self._attached: dict[str, Connection] = {}  # session id → its live connection
         self._pending: dict[str, _Pending] = {}  # engine request id → task
+        self._uploads: Counter[str] = Counter()  # API key → imageUpload tasks not yet answered
         self._request_ids = itertools.count()
         self._jobs: set[asyncio.Task] = set()
         self._dispatcher: asyncio.Task | None = None
@@ -209,20 +211,22 @@ class Gateway:
                 parameter="settings.steps",
                 type="integer",
             )
-        self._check_connection_limit(connection)
-        if self.sessions.running(connection.api_key) >= self.config.max_in_flight_per_key:
-            raise TaskError(
-                "rateLimitExceeded",
-                f"this API key already has {self.config.max_in_flight_per_key} tasks in flight; "
-                "wait for results before sending more",
-            )
+        self._check_in_flight_limits(connection)
 
-    def _check_connection_limit(self, connection: Connection) -> None:
+    def _check_in_flight_limits(self, connection: Connection) -> None:
+        """Upscales and uploads not yet answered, per connection and per API key."""
         if connection.in_flight >= self.config.max_in_flight_per_connection:
             raise TaskError(
                 "rateLimitExceeded",
                 f"this connection already has {connection.in_flight} tasks in flight "
                 f"(limit {self.config.max_in_flight_per_connection}); wait for results before sending more",
+            )
+        key = connection.api_key
+        if self.sessions.running(key) + self._uploads[key] >= self.config.max_in_flight_per_key:
+            raise TaskError(
+                "rateLimitExceeded",
+                f"this API key already has {self.config.max_in_flight_per_key} tasks in flight; "
+                "wait for results before sending more",
             )
 
     async def _run_upscale(self, connection: Connection, record: TaskRecord, task: Upscale) -> None:
@@ -457,14 +461,16 @@ class Gateway:
         """Admit an imageUpload: it counts toward the connection's tasks in flight
         until its answer is sent, like an upscale."""
         try:
-            self._check_connection_limit(connection)
+            self._check_in_flight_limits(connection)
         except TaskError as error:
             connection.send(error_frame(error.for_task("imageUpload", task.taskUUID)))
             return
         connection.in_flight += 1
+        self._uploads[connection.api_key] += 1
         self.spawn(self._run_image_upload(connection, task))
 
     async def _run_image_upload(self, connection: Connection, task: ImageUpload) -> None:
+        key = connection.api_key
         try:
             connection.send(await self._image_upload_frame(task))
         except asyncio.CancelledError:
@@ -475,6 +481,9 @@ class Gateway:
             connection.send(error_frame(internal_error("imageUpload", task.taskUUID)))
         finally:
             connection.in_flight -= 1
+            self._uploads[key] -= 1
+            if not self._uploads[key]:
+                del self._uploads[key]
 
     async def _image_upload_frame(self, task: ImageUpload) -> bytes:
         """The answer to an imageUpload: the stored image's UUID, or why it was refused."""

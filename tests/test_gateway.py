@@ -238,6 +238,27 @@ async def test_uploads_count_toward_the_in_flight_limit():
         assert server.gateway._attached and all(
             conn.in_flight == 0 for conn in server.gateway._attached.values()
         )
+        assert not server.gateway._uploads
+
+
+async def test_an_upload_is_refused_when_its_key_is_at_the_in_flight_limit():
+    engine = HeldEngineClient()
+    async with (
+        serving(max_in_flight_per_key=2, engine=engine) as server,
+        client(server) as first,
+        client(server) as second,  # the same key
+    ):
+        await first.send([upscale_task(), upscale_task()])
+        await wait_until(lambda: len(engine.held) == 2)
+        upload = {
+            "taskType": "imageUpload",
+            "taskUUID": str(uuid.uuid4()),
+            "image": data_uri(png_bytes(8, 8)),
+        }
+        error = await second.error([upload])
+        assert (error["code"], error["taskUUID"]) == ("rateLimitExceeded", upload["taskUUID"])
+        assert "API key" in error["message"]
+        engine.release(stop_holding=True)
 
 
 async def test_an_upload_that_fails_inside_the_gateway_is_still_answered(null_server, monkeypatch):
