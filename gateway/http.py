@@ -92,6 +92,9 @@ class AddressGuard:
         return found
 
 
+_PER_ADDRESS_TIMEOUT = 3.0  # seconds to connect to one of several addresses of a host
+
+
 class _PinnedBackend(httpcore.AsyncNetworkBackend):
     """httpcore's network backend, but every TCP connection goes to an address that
     :class:`AddressGuard` resolved and checked at that moment."""
@@ -102,10 +105,16 @@ class _PinnedBackend(httpcore.AsyncNetworkBackend):
 
     async def connect_tcp(self, host, port, timeout=None, local_address=None, socket_options=None):
         last: Exception | None = None
-        for address in await self._guard.addresses(host, port):
+        addresses = await self._guard.addresses(host, port)
+        for i, address in enumerate(addresses):
+            # In the resolver's order (RFC 6724); one dead route must not use up the
+            # whole timeout while another address would answer.
+            limit = (
+                timeout if i == len(addresses) - 1 or timeout is None else min(timeout, _PER_ADDRESS_TIMEOUT)
+            )
             try:
                 return await self._inner.connect_tcp(
-                    address, port, timeout=timeout, local_address=local_address, socket_options=socket_options
+                    address, port, timeout=limit, local_address=local_address, socket_options=socket_options
                 )
             except (httpcore.ConnectError, httpcore.ConnectTimeout) as exc:
                 last = exc

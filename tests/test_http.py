@@ -184,3 +184,12 @@ async def test_dns_rebinding_between_check_and_connect_is_refused(server):
     assert err.value.reason == "blocked" and len(resolve.calls) == 2
     assert Recorder.received == []  # the webhook never reached the loopback server
     await out.aclose()
+
+
+async def test_a_host_with_several_addresses_falls_back_to_one_that_answers(server):
+    port = server.rsplit(":", 1)[1]
+    resolve = scripted_resolver(["::1", "127.0.0.1"])  # nothing listens on [::1]:port
+    out = Outbound(guard=AddressGuard(allow_private=True, resolve=resolve))
+    data, _ = await out.fetch(f"http://two.invalid:{port}/image", max_bytes=10_000)
+    assert data == Recorder.body
+    await out.aclose()
