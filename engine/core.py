@@ -153,7 +153,7 @@ class EngineCore:
         with self._lock:
             leftover = list(self._requests.values())
         for request in leftover:
-            self._finish(request, EngineError(request.request_id, ErrorCode.ABORTED, "the engine shut down"))
+            self._finish(request, _shut_down(request))
         if lingering:
             logger.error("engine threads %s did not stop within %.1f s", ", ".join(lingering), timeout)
             return False
@@ -300,7 +300,7 @@ class EngineCore:
             rows = self.scheduler.shrink()
             logger.warning("out of memory at %d rows; row budget is now %d", batch.rows, rows)
             return
-        grown = self.scheduler.settle() if batch.rows >= self.scheduler.max_rows else None
+        grown = self.scheduler.settle(batch.rows)
         if grown is not None:
             logger.info("no out-of-memory error for a while; row budget is now %d", grown)
 
@@ -401,9 +401,7 @@ class EngineCore:
             try:
                 self._codec_pool.submit(self._encode_output, request, pixels, alpha)
             except RuntimeError:  # the pool was shut down under us: no bytes will come
-                self._finish(
-                    request, EngineError(request.request_id, ErrorCode.ABORTED, "the engine shut down")
-                )
+                self._finish(request, _shut_down(request))
 
     def _fail_in_vae(self, request: Request) -> None:
         self.runner.release(request.request_id)
@@ -492,3 +490,7 @@ def _final_status(output: EngineOutput) -> RequestStatus:
 
 def _internal(request: Request) -> EngineError:
     return EngineError(request.request_id, ErrorCode.INTERNAL, "the engine failed to process this task")
+
+
+def _shut_down(request: Request) -> EngineError:
+    return EngineError(request.request_id, ErrorCode.ABORTED, "the engine shut down")

@@ -17,8 +17,9 @@ can share a UNet call (MODEL.md). Each tick serves one group, chosen by the poli
   with every group, which stretches the tail under load.
 
 Within the group, requests are taken earliest deadline first (round-robin:
-least-recently-stepped first, then oldest first) until the row budget is full; a guided request takes two rows. New requests join a
-group at any tick boundary and finished ones leave at once.
+least-recently-stepped first, then oldest first) until the row budget is full; a guided
+request takes two rows. New requests join a group at any tick boundary and finished
+ones leave at once.
 
 Static mode is what generic servers do (Triton's dynamic batcher, Ray Serve's
 ``@serve.batch``): wait up to ``static_delay`` for same-shape requests, freeze a
@@ -38,7 +39,7 @@ __all__ = ["ScheduledBatch", "Scheduler"]
 
 Shape = tuple[int, int]
 POLICIES = ("deadline", "round-robin")
-GROW_AFTER = 200  # calls without running out of memory before a shrunk row budget doubles
+GROW_AFTER = 200  # full calls without running out of memory before a shrunk row budget doubles
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,7 +68,7 @@ class Scheduler:
             raise ValueError(f"unknown group policy {policy!r}: use one of {', '.join(POLICIES)}")
         self.max_rows = max_rows
         self.ceiling = max_rows  # the configured budget, which max_rows returns to after a shrink
-        self._calm = 0  # successful calls since the budget last changed
+        self._calm = 0  # full calls that succeeded since the budget last changed
         self.mode = mode
         self.policy = policy
         self.static_delay = static_delay
@@ -172,12 +173,13 @@ class Scheduler:
         self._calm = 0
         return self.max_rows
 
-    def settle(self) -> int | None:
-        """Note a call that ran without running out of memory. After ``GROW_AFTER`` of
-        them in a row under a shrunk budget, the budget doubles again, up to the
-        configured one: memory that a passing peak took (another process, a large VAE
-        batch) is used again. Returns the new budget when it grew."""
-        if self.max_rows >= self.ceiling:
+    def settle(self, rows: int) -> int | None:
+        """Note a call of ``rows`` rows that ran without running out of memory. Only a
+        call that filled the budget says the budget fits: after ``GROW_AFTER`` of them
+        in a row under a shrunk budget, it doubles again, up to the configured one, so
+        memory that a passing peak took (another process, a large VAE batch) is used
+        again. Returns the new budget when it grew."""
+        if self.max_rows >= self.ceiling or rows < self.max_rows:
             return None
         self._calm += 1
         if self._calm < GROW_AFTER:

@@ -105,17 +105,18 @@ def test_static_mode_waits_then_runs_a_frozen_batch_to_completion():
     assert [r.request_id for r in s.schedule().requests] == ["a"]  # nobody joins late
 
 
-def test_shrink_halves_the_budget_and_calm_grows_it_back():
+def test_shrink_halves_the_budget_and_full_calls_grow_it_back():
     from engine.scheduler import GROW_AFTER
 
     s = Scheduler(max_rows=16)
-    assert s.settle() is None  # at the configured budget there is nothing to regain
+    assert s.settle(s.max_rows) is None  # at the configured budget there is nothing to regain
     assert s.shrink() == 8 and s.shrink() == 4
-    assert [s.settle() for _ in range(GROW_AFTER - 1)] == [None] * (GROW_AFTER - 1)
-    assert s.settle() == 8
+    assert all(s.settle(3) is None for _ in range(2 * GROW_AFTER))  # calls under the budget prove nothing
+    assert [s.settle(s.max_rows) for _ in range(GROW_AFTER - 1)] == [None] * (GROW_AFTER - 1)
+    assert s.settle(s.max_rows) == 8
     for _ in range(GROW_AFTER - 1):
-        s.settle()
+        s.settle(s.max_rows)
     assert s.shrink() == 4  # another out-of-memory error restarts the count
-    assert all(s.settle() is None for _ in range(GROW_AFTER - 1))
-    assert s.settle() == 8 and [s.settle() for _ in range(GROW_AFTER)][-1] == 16
-    assert all(s.settle() is None for _ in range(GROW_AFTER)) and s.max_rows == 16
+    assert all(s.settle(s.max_rows) is None for _ in range(GROW_AFTER - 1))
+    assert s.settle(s.max_rows) == 8 and [s.settle(s.max_rows) for _ in range(GROW_AFTER)][-1] == 16
+    assert all(s.settle(s.max_rows) is None for _ in range(GROW_AFTER)) and s.max_rows == 16
