@@ -79,18 +79,24 @@ async def test_null_client_answers_at_once_and_bounds_its_queue():
     await client.close()
 
 
-async def test_a_dead_engine_loop_fails_its_requests_and_restarts():
-    client = InprocEngineClient(EngineConfig(model="tiny", device="cpu", dtype="fp32"))
-    await client.start()
-    core = client._core
+async def kill_the_engine_loop(client: InprocEngineClient) -> None:
+    """Inject a fault into the running engine loop while a request is in it: the loop
+    dies and the request fails with internalError."""
 
     def explode():
         raise RuntimeError("injected loop fault")
 
-    core.scheduler.schedule = explode
+    client._core.scheduler.schedule = explode
     client.submit(UpscaleRequest("doomed", make_png(64, 64), steps=2))
     seen = await collect(client, {"doomed"})
     assert seen["doomed"][-1].code is ErrorCode.INTERNAL
+
+
+async def test_a_dead_engine_loop_fails_its_requests_and_restarts():
+    client = InprocEngineClient(EngineConfig(model="tiny", device="cpu", dtype="fp32"))
+    await client.start()
+    core = client._core
+    await kill_the_engine_loop(client)
     for _ in range(200):
         if client.ready and client._core is not core:
             break
@@ -110,14 +116,7 @@ async def test_no_restart_while_a_thread_of_the_dead_engine_still_runs(caplog):
     core = client._core
     shutdown = core.shutdown
     core.shutdown = lambda timeout=30.0: shutdown(0.0) and False  # as if a thread outlived the join
-
-    def explode():
-        raise RuntimeError("injected loop fault")
-
-    core.scheduler.schedule = explode
-    client.submit(UpscaleRequest("doomed", make_png(64, 64), steps=2))
-    seen = await collect(client, {"doomed"})
-    assert seen["doomed"][-1].code is ErrorCode.INTERNAL
+    await kill_the_engine_loop(client)
     for _ in range(200):
         if "not restarting" in caplog.text:
             break

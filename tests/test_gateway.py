@@ -410,6 +410,19 @@ async def test_a_dropped_client_resumes_and_receives_missed_results_once():
             assert await c.quiet() == []
 
 
+async def hang_up_with_a_good_and_a_bad_task(server, engine, user_agent) -> tuple[str, dict, dict]:
+    """A client (key "k1") sends a task that will succeed and one that will fail, and hangs
+    up while the engine holds both. Returns its session and the two tasks."""
+    broken_png = data_uri(b"\x89PNG\r\n\x1a\n" + b"\x00" * 64)  # passes the gateway, fails decoding
+    good, bad = upscale_task(), upscale_task(broken_png)
+    async with client(server, key=None, user_agent=user_agent) as c:
+        session = await c.auth("k1")
+        await c.send([good, bad])
+        await wait_until(lambda: len(engine.held) == 2)
+    await wait_until(lambda: not server.gateway._attached)
+    return session, good, bad
+
+
 @pytest.mark.parametrize(
     "user_agent, errors_replayed",
     [
@@ -424,14 +437,8 @@ async def test_missed_errors_are_replayed_except_to_clients_that_fail_every_task
     """runware-sdk already failed a dropped sync task, and an error it cannot route fails
     every task it has in flight: it gets missed results, and missed errors by getResponse."""
     engine = HeldEngineClient()
-    broken_png = data_uri(b"\x89PNG\r\n\x1a\n" + b"\x00" * 64)  # passes the gateway, fails decoding
     async with serving(engine=engine) as server:
-        good, bad = upscale_task(), upscale_task(broken_png)
-        async with client(server, key=None, user_agent=user_agent) as c:
-            session = await c.auth("k1")
-            await c.send([good, bad])
-            await wait_until(lambda: len(engine.held) == 2)
-        await wait_until(lambda: not server.gateway._attached)
+        session, good, bad = await hang_up_with_a_good_and_a_bad_task(server, engine, user_agent)
         engine.release(stop_holding=True)
         await wait_until(lambda: len(server.gateway.sessions._sessions[session].replay) == 2)
         async with client(server, key=None, user_agent=user_agent) as c:
@@ -453,14 +460,8 @@ async def test_an_error_finishing_after_a_resume_follows_the_same_rule(user_agen
     """The task fails while the resumed socket is attached: it is sent live, or (to a
     client that fails every task on an error it cannot route) kept for getResponse."""
     engine = HeldEngineClient()
-    broken_png = data_uri(b"\x89PNG\r\n\x1a\n" + b"\x00" * 64)
     async with serving(engine=engine) as server:
-        good, bad = upscale_task(), upscale_task(broken_png)
-        async with client(server, key=None, user_agent=user_agent) as c:
-            session = await c.auth("k1")
-            await c.send([good, bad])
-            await wait_until(lambda: len(engine.held) == 2)
-        await wait_until(lambda: not server.gateway._attached)
+        session, good, bad = await hang_up_with_a_good_and_a_bad_task(server, engine, user_agent)
         async with client(server, key=None, user_agent=user_agent) as c:
             assert await c.auth("k1", session) == session
             engine.release(stop_holding=True)  # both finish now, live on the new socket
