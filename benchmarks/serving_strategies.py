@@ -2,9 +2,10 @@
 
   (a) continuous — this gateway: step-level continuous batching;
   (b) static     — what generic servers do (Triton's dynamic batcher, Ray Serve's
-                   @serve.batch): wait up to a delay for same-size requests, then run
-                   that batch to completion (the engine's --batching static, sharing
-                   all other code);
+                   @serve.batch): wait up to a delay for same-size requests, run
+                   that batch to completion and return its results together, as a
+                   batched call does (the engine's --batching static, sharing all
+                   other code);
   (c) stock      — one request at a time through diffusers' stock pipeline (what
                    ComfyUI- and A1111-style queues do), behind the same server.
 

@@ -253,6 +253,8 @@ class EngineCore:
                     batch = self.scheduler.schedule()
                     if batch is not None:
                         self._run_batch(batch)
+                    self._decode_released()
+                self._decode_released()  # finished before the stop: still decoded
         except Exception:
             self._die("model")
 
@@ -318,11 +320,14 @@ class EngineCore:
                 self._emit(Progress(request.request_id, request.step_index, request.total_steps))
             if request.done_denoising:
                 finished.append(request)
-        if finished:
-            for request in finished:
-                self.scheduler.remove(request)
-                request.status = RequestStatus.DECODING
-            self._vae_inbox.put(("decode", finished))
+        for request in finished:
+            request.status = RequestStatus.DECODING
+        self.scheduler.finish(finished)
+
+    def _decode_released(self) -> None:
+        released = self.scheduler.take_released()
+        if released:
+            self._vae_inbox.put(("decode", released))
 
     def _fail(self, request: Request) -> None:
         self.scheduler.remove(request)

@@ -23,14 +23,16 @@ ones leave at once.
 
 Static mode is what generic servers do (Triton's dynamic batcher, Ray Serve's
 ``@serve.batch``): wait up to ``static_delay`` for same-shape requests, freeze a
-batch, and run it to completion before the next batch starts; nobody joins late.
+batch, and run it to completion before the next batch starts; nobody joins late, and
+the batch's results go out together when it is done, as a batched call returns them
+all at once. (Rows that have taken their last step leave the UNet calls meanwhile.)
 It exists to be compared against (benchmarks/), sharing all other code.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from .request import Request, RequestStatus
@@ -76,6 +78,8 @@ class Scheduler:
         self._groups: dict[Shape, list[Request]] = {}  # insertion order = round-robin order
         self._last_shape: Shape | None = None
         self._frozen: list[Request] | None = None  # static mode: the batch running to completion
+        self._held: list[Request] = []  # static mode: finished members of the frozen batch
+        self._released: list[Request] = []  # finished, results may go out
         self._tick = 0
 
     # Membership
@@ -97,6 +101,20 @@ class Scheduler:
             self._frozen.remove(request)
             if not self._frozen:
                 self._frozen = None
+                self._released += self._held
+                self._held = []
+
+    def finish(self, requests: Iterable[Request]) -> None:
+        """``requests`` took their last step and leave. Their results may go out at
+        once, or in static mode when the frozen batch is done (:meth:`take_released`)."""
+        for request in requests:
+            (self._held if self._frozen is not None else self._released).append(request)
+            self.remove(request)
+
+    def take_released(self) -> list[Request]:
+        """The finished requests whose results may go out now, each returned once."""
+        released, self._released = self._released, []
+        return released
 
     def __len__(self) -> int:
         return sum(len(g) for g in self._groups.values())

@@ -91,7 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--batching",
         default="continuous",
         choices=BATCHING,
-        help="'continuous' (step-level) or 'static' (for comparison)",
+        help="'continuous' (step-level) or 'static' (for comparison: a batch of same-size "
+        "requests runs to completion and its results go out together)",
     )
     _flag(
         g,

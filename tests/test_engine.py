@@ -4,6 +4,7 @@ sizes, reproducibility, cancellation and fault isolation (tiny model, fp32, CPU)
 from __future__ import annotations
 
 import io
+import queue
 import threading
 import time
 
@@ -219,10 +220,19 @@ def test_queue_limit_refuses_admission():
         core.shutdown()
 
 
-def test_static_mode_runs_batches_to_completion():
+def test_static_mode_runs_batches_to_completion_and_returns_their_results_together():
     config = EngineConfig(model="tiny", device="cpu", dtype="fp32", mode="static", static_batch_delay=0.0)
     core = EngineCore.load(config)
     core.runner.unet = counter = CountingUNet(core.runner.unet)
+    handed_to_decode = []
+
+    class Inbox(queue.SimpleQueue):
+        def put(self, job, *args, **kwargs):
+            if job and job[0] == "decode":
+                handed_to_decode.append(sorted(r.request_id for r in job[1]))
+            super().put(job, *args, **kwargs)
+
+    core._vae_inbox = Inbox()
     try:
         reqs = [request(f"s{i}", make_png(64, 64, seed=i), steps=s) for i, s in enumerate([2, 5, 3])]
         results, _ = run(core, reqs)
@@ -230,6 +240,7 @@ def test_static_mode_runs_batches_to_completion():
         core.shutdown()
     assert all(isinstance(r, UpscaleResult) for r in results.values())
     assert counter.calls_by_shape() == {(16, 16): 5}
+    assert handed_to_decode == [["s0", "s1", "s2"]]  # the 2- and 3-step ones waited for the 5-step one
 
 
 def test_out_of_memory_shrinks_the_batch_and_loses_nothing(core, monkeypatch):

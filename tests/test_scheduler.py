@@ -120,3 +120,44 @@ def test_shrink_halves_the_budget_and_full_calls_grow_it_back():
     assert all(s.settle(s.max_rows) is None for _ in range(GROW_AFTER - 1))
     assert s.settle(s.max_rows) == 8 and [s.settle(s.max_rows) for _ in range(GROW_AFTER)][-1] == 16
     assert all(s.settle(s.max_rows) is None for _ in range(GROW_AFTER)) and s.max_rows == 16
+
+
+def test_static_mode_releases_a_batch_results_together_when_the_batch_is_done():
+    now = [1.0]
+    s = Scheduler(max_rows=8, mode="static", static_delay=0.0, clock=lambda: now[0])
+    short, long = req("short", steps=1), req("long", steps=3)
+    s.add(short)
+    s.add(long)
+    done: list[list[str]] = []
+    while s.has_work:
+        batch = s.schedule()
+        for r in batch.requests:
+            r.step_index += 1
+        s.finish([r for r in batch.requests if r.done_denoising])
+        done.append([r.request_id for r in s.take_released()])
+        assert len(batch.requests) == (2 if len(done) == 1 else 1)  # finished rows leave the calls
+    assert done == [[], [], ["short", "long"]]
+
+
+def test_static_mode_releases_held_results_when_the_rest_of_the_batch_is_aborted():
+    s = Scheduler(max_rows=8, mode="static", static_delay=0.0, clock=lambda: 1.0)
+    short, long = req("short", steps=1), req("long", steps=5)
+    s.add(short)
+    s.add(long)
+    s.schedule()
+    short.step_index = long.step_index = 1
+    s.finish([short])
+    assert s.take_released() == []
+    s.remove(long)  # aborted
+    assert s.take_released() == [short] and s.take_released() == []
+
+
+def test_continuous_mode_releases_results_at_once():
+    s = Scheduler(max_rows=8)
+    a, b = req("a", steps=1), req("b", steps=2)
+    s.add(a)
+    s.add(b)
+    s.schedule()
+    a.step_index = b.step_index = 1
+    s.finish([a])
+    assert s.take_released() == [a] and s.has_work
