@@ -9,7 +9,8 @@
   (c) stock      — one request at a time through diffusers' stock pipeline (what
                    ComfyUI- and A1111-style queues do), behind the same server.
 
-Each strategy is driven over real WebSockets by the load generator: closed loop for
+Each strategy is driven over real WebSockets by the load generator: after a warm-up
+(``--warmup`` tasks, not measured: first calls at each shape are slow), closed loop for
 its saturated throughput, then open loop (Poisson arrivals) at 25/50/75/95 % of (a)'s
 measured capacity. Prints a table, writes JSON and a PNG plot of throughput against
 p50/p99 latency.
@@ -64,6 +65,10 @@ async def run_strategy(
     )
     async with GatewayServer(gateway_config, engine_for(strategy, config)) as server:
         load = dict(connections=args.connections, timeout=args.timeout)
+        if args.warmup:  # first calls at each shape and batch size are slow; not measured
+            await run_load(
+                server.url, "bench", workload, tasks=args.warmup, concurrency=args.concurrency, seed=0, **load
+            )
         saturated = await run_load(
             server.url, "bench", workload, tasks=args.tasks, concurrency=args.concurrency, seed=1, **load
         )
@@ -80,18 +85,24 @@ def plot(results: dict, path: Path, title: str) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter, LogLocator
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharex=True)
     for strategy, result in results.items():
         points = sorted(result["paced"], key=lambda s: s["throughput"])
         xs = [p["throughput"] for p in points]
         for ax, key in zip(axes, ("p50_latency_s", "p99_latency_s"), strict=True):
-            ax.plot(xs, [p[key] for p in points], marker="o", label=strategy)
+            (line,) = ax.plot(xs, [p[key] for p in points], marker="o", label=strategy)
+            ax.axvline(result["saturated"]["throughput"], color=line.get_color(), linestyle=":", alpha=0.6)
+    seconds = FuncFormatter(lambda value, _: f"{value:g}")
     for ax, name in zip(axes, ("p50", "p99"), strict=True):
-        ax.set_xlabel("achieved throughput (tasks/s)")
+        ax.set_xlabel("achieved throughput (tasks/s); dotted: saturated")
         ax.set_ylabel(f"{name} latency (s)")
         ax.set_yscale("log")
-        ax.grid(True, alpha=0.3)
+        ax.yaxis.set_major_formatter(seconds)
+        ax.yaxis.set_minor_locator(LogLocator(subs=(2, 3, 5)))
+        ax.yaxis.set_minor_formatter(seconds)
+        ax.grid(True, which="both", alpha=0.3)
         ax.legend()
     fig.suptitle(title)
     fig.tight_layout()
@@ -135,6 +146,9 @@ def main() -> None:
     parser.add_argument("--model", default="tiny")
     parser.add_argument("--workload", help="default: benchmarks/workloads/<model>.json")
     parser.add_argument("--tasks", type=int, default=60, help="tasks per measurement")
+    parser.add_argument(
+        "--warmup", type=int, default=32, help="tasks each server runs, unmeasured, before measuring"
+    )
     parser.add_argument("--connections", type=int, default=4)
     parser.add_argument("--concurrency", type=int, default=32, help="closed loop: tasks in flight")
     parser.add_argument("--max-batch-rows", type=int, default=16)
@@ -157,7 +171,7 @@ def main() -> None:
     args.strategies = tuple(s for s in args.strategies.split(",") if s)
     args.loads = tuple(float(x) for x in args.loads.split(",") if x)
     if args.smoke:
-        args.model, args.tasks, args.loads, args.concurrency = "tiny", 5, (0.5, 0.95), 5
+        args.model, args.tasks, args.loads, args.concurrency, args.warmup = "tiny", 5, (0.5, 0.95), 5, 2
         args.workload = args.workload or str(ROOT / "benchmarks" / "workloads" / "smoke.json")
     args.workload = args.workload or str(ROOT / "benchmarks" / "workloads" / f"{args.model}.json")
     logging.basicConfig(level=logging.ERROR)
