@@ -139,13 +139,19 @@ def test_static_mode_releases_a_batch_results_together_when_the_batch_is_done():
     assert done == [[], [], ["short", "long"]]
 
 
-def test_static_mode_releases_held_results_when_the_rest_of_the_batch_is_aborted():
-    s = Scheduler(max_rows=8, mode="static", static_delay=0.0, clock=lambda: 1.0)
-    short, long = req("short", steps=1), req("long", steps=5)
+def one_step_of_two(s: Scheduler, long_steps: int) -> tuple[Request, Request]:
+    """A one-step and a ``long_steps`` request of one shape, after their first call."""
+    short, long = req("short", steps=1), req("long", steps=long_steps)
     s.add(short)
     s.add(long)
-    s.schedule()
+    assert s.schedule().requests == (short, long)
     short.step_index = long.step_index = 1
+    return short, long
+
+
+def test_static_mode_releases_held_results_when_the_rest_of_the_batch_is_aborted():
+    s = Scheduler(max_rows=8, mode="static", static_delay=0.0, clock=lambda: 1.0)
+    short, long = one_step_of_two(s, long_steps=5)
     s.finish([short])
     assert s.take_released() == []
     s.remove(long)  # aborted
@@ -154,10 +160,6 @@ def test_static_mode_releases_held_results_when_the_rest_of_the_batch_is_aborted
 
 def test_continuous_mode_releases_results_at_once():
     s = Scheduler(max_rows=8)
-    a, b = req("a", steps=1), req("b", steps=2)
-    s.add(a)
-    s.add(b)
-    s.schedule()
-    a.step_index = b.step_index = 1
-    s.finish([a])
-    assert s.take_released() == [a] and s.has_work
+    short, _ = one_step_of_two(s, long_steps=2)
+    s.finish([short])
+    assert s.take_released() == [short] and s.has_work
