@@ -168,9 +168,13 @@ def test_device_choice():
             choose_device("cuda")
 
 
-def test_dtype_choice():
+def test_dtype_choice(caplog):
     assert choose_dtype(None, torch.device("cpu")) == torch.float32
     assert choose_dtype(None, torch.device("cuda")) == torch.float16
+    assert choose_dtype("bf16", torch.device("cuda")) == torch.bfloat16
+    assert choose_dtype("fp32", torch.device("cpu")) == torch.float32
+    assert not caplog.records
     assert choose_dtype("bf16", torch.device("cpu")) == torch.bfloat16
+    assert "bf16 on the CPU is slow" in caplog.text  # many times slower than fp32 without AMX
     with pytest.raises(ValueError, match="unknown dtype"):
         choose_dtype("fp8", torch.device("cpu"))
