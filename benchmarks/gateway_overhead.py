@@ -9,12 +9,13 @@ The load generator runs in a process of its own, at a lower scheduling priority
 (``--loadgen-nice``, default 10): on a shared machine it would otherwise hold the core
 the server wakes up on for a whole scheduler slice (a few ms), which shows up in the
 server's tail latency, the more so the more CPU the server uses per task; in real use
-the clients are on other machines. Both servers are measured the same way. Reports, for each server: saturated
-throughput (closed loop), p50/p99 latency at a fixed offered rate (open loop, default
-1,000 tasks/s), the server's own CPU time per task, and the ratios. The two servers are
-measured in turns, ``--repeat`` times each, and the medians are reported: on a shared
-machine a single pass mostly measures the neighbours. Writes JSON to
-benchmarks/results/gateway_overhead.json.
+the clients are on other machines. Both servers are measured the same way.
+
+Reports, for each server: saturated throughput (closed loop), p50/p99 latency at a fixed
+offered rate (open loop, default 1,000 tasks/s), the server's own CPU time per task, and
+the ratios. The two servers are measured in turns, ``--repeat`` times each, and the
+medians are reported: on a shared machine a single pass mostly measures the neighbours.
+Writes JSON to benchmarks/results/gateway_overhead.json.
 """
 
 from __future__ import annotations

@@ -23,7 +23,8 @@ class EngineConfig:
 
     # Batching
     max_batch_rows: int = 16  # UNet rows per call (a CFG request takes two)
-    mode: str = "continuous"  # "continuous" (step-level) or "static" (batch runs to completion; results go out together)
+    # "continuous" (step-level) or "static" (a batch runs to completion; its results go out together)
+    mode: str = "continuous"
     group_policy: str = "deadline"  # which shape group a call serves: "deadline" or "round-robin"
     static_batch_delay: float = 0.05  # static mode: seconds to wait for same-size requests
     vae_batch_pixels: int = 4 * 1024 * 1024  # output pixels per batched VAE decode (bounds memory)

@@ -423,6 +423,18 @@ async def hang_up_with_a_good_and_a_bad_task(server, engine, user_agent) -> tupl
     return session, good, bad
 
 
+async def expect_the_good_and_the_bad(c, good: dict, bad: dict, *, error_sent: bool) -> None:
+    """On the resumed socket: the good task's result, the bad one's error only if
+    ``error_sent``, nothing else; getResponse has the error either way."""
+    seen = await c.collect({good["taskUUID"]} | ({bad["taskUUID"]} if error_sent else set()))
+    assert await c.quiet() == []
+    assert seen[good["taskUUID"]][0]["status"] == "success"
+    if error_sent:
+        assert seen[bad["taskUUID"]][0]["code"] == "invalidInputImage"
+    await c.send([{"taskType": "getResponse", "taskUUID": bad["taskUUID"]}])
+    assert (await c.recv())["errors"][0]["code"] == "invalidInputImage"  # kept either way
+
+
 @pytest.mark.parametrize(
     "user_agent, errors_replayed",
     [
@@ -443,13 +455,7 @@ async def test_missed_errors_are_replayed_except_to_clients_that_fail_every_task
         await wait_until(lambda: len(server.gateway.sessions._sessions[session].replay) == 2)
         async with client(server, key=None, user_agent=user_agent) as c:
             assert await c.auth("k1", session) == session
-            replayed = await c.collect({good["taskUUID"]} | ({bad["taskUUID"]} if errors_replayed else set()))
-            assert await c.quiet() == []
-            assert replayed[good["taskUUID"]][0]["status"] == "success"
-            if errors_replayed:
-                assert replayed[bad["taskUUID"]][0]["code"] == "invalidInputImage"
-            await c.send([{"taskType": "getResponse", "taskUUID": bad["taskUUID"]}])
-            assert (await c.recv())["errors"][0]["code"] == "invalidInputImage"  # kept either way
+            await expect_the_good_and_the_bad(c, good, bad, error_sent=errors_replayed)
 
 
 @pytest.mark.parametrize(
@@ -465,13 +471,7 @@ async def test_an_error_finishing_after_a_resume_follows_the_same_rule(user_agen
         async with client(server, key=None, user_agent=user_agent) as c:
             assert await c.auth("k1", session) == session
             engine.release(stop_holding=True)  # both finish now, live on the new socket
-            seen = await c.collect({good["taskUUID"]} | ({bad["taskUUID"]} if errors_sent else set()))
-            assert await c.quiet() == []
-            assert seen[good["taskUUID"]][0]["status"] == "success"
-            if errors_sent:
-                assert seen[bad["taskUUID"]][0]["code"] == "invalidInputImage"
-            await c.send([{"taskType": "getResponse", "taskUUID": bad["taskUUID"]}])
-            assert (await c.recv())["errors"][0]["code"] == "invalidInputImage"
+            await expect_the_good_and_the_bad(c, good, bad, error_sent=errors_sent)
 
 
 async def test_missed_results_are_gone_after_120_s_and_never_go_to_another_key():
