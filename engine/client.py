@@ -22,11 +22,13 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import functools
 import logging
 import time
 from collections.abc import AsyncIterator, Iterable
 
 from .api import EngineError, EngineOutput, ErrorCode, Progress, UpscaleRequest, UpscaleResult
+from .stats import EngineStats, Observers
 
 __all__ = [
     "EngineClient",
@@ -75,6 +77,10 @@ class EngineClient(abc.ABC):
     async def close(self) -> None:
         """Stop the engine. Unfinished requests end with ``ABORTED`` errors."""
 
+    def stats(self) -> EngineStats:
+        """A snapshot of the engine's counters and of the requests it holds now."""
+        return EngineStats()
+
 
 class _QueueOutputs(EngineClient, abc.ABC):
     """Shared plumbing: outputs go through one asyncio queue on the gateway's loop."""
@@ -103,6 +109,10 @@ class NullEngineClient(_QueueOutputs):
         self._pending: set[str] = set()
         # Repeated inputs (benchmarks send the same image) are answered from a small cache.
         self._cache: dict[tuple, tuple[bytes, int, int]] = {}
+        self._stats = EngineStats()
+
+    def stats(self) -> EngineStats:
+        return self._stats.copy()
 
     async def start(self) -> None:
         self._running = True
@@ -128,8 +138,10 @@ class NullEngineClient(_QueueOutputs):
         try:
             data, width, height = self._cache.get(key) or self._upscale(request)
         except codecs.ImageError as exc:
+            self._stats.failed += 1
             self._outputs.put_nowait(EngineError(request.request_id, exc.code, str(exc)))
             return
+        self._stats.succeeded += 1
         if len(self._cache) >= 64:
             self._cache.pop(next(iter(self._cache)))
         self._cache[key] = (data, width, height)
@@ -162,6 +174,7 @@ class NullEngineClient(_QueueOutputs):
         for request_id in request_ids:
             if request_id in self._pending:
                 self._pending.discard(request_id)
+                self._stats.failed += 1
                 self._outputs.put_nowait(EngineError(request_id, ErrorCode.ABORTED, "task was cancelled"))
 
     async def close(self) -> None:
@@ -188,12 +201,20 @@ class InprocEngineClient(_QueueOutputs):
         self._restarts: list[float] = []
         self._replacing: asyncio.Task | None = None
         self.restart_count = 0
+        # Shared with every core this client starts, so counts survive a restart.
+        self._stats = EngineStats()
+        self.observers = Observers()
+
+    def stats(self) -> EngineStats:
+        core = self._core
+        return core.snapshot() if core is not None else self._stats.copy()
 
     async def start(self) -> None:
         from .core import EngineCore  # imports torch
 
         loop = asyncio.get_running_loop()
-        core = await loop.run_in_executor(None, EngineCore.load, self._config)
+        load = functools.partial(EngineCore.load, self._config, stats=self._stats, observers=self.observers)
+        core = await loop.run_in_executor(None, load)
         self._start_core(core, loop)
 
     def _start_core(self, core, loop: asyncio.AbstractEventLoop) -> None:
@@ -229,7 +250,8 @@ class InprocEngineClient(_QueueOutputs):
             logger.error("not restarting the engine: threads of the dead one are still running")
             return
         if not self._closed and self._core is dead:
-            self._start_core(EngineCore(dead.runner, self._config), loop)
+            core = EngineCore(dead.runner, self._config, stats=self._stats, observers=self.observers)
+            self._start_core(core, loop)
 
     @property
     def ready(self) -> bool:

@@ -40,6 +40,7 @@ from .config import EngineConfig
 from .request import Request, RequestStatus
 from .runner import ModelRunner, PreparedInput, timed
 from .scheduler import ScheduledBatch, Scheduler
+from .stats import EngineStats, Observers, RequestDone, UnetCall, VaeCall
 
 __all__ = ["EngineCore", "EngineStopped"]
 
@@ -53,9 +54,19 @@ class EngineCore:
     :meth:`add_request`, :meth:`abort`, :meth:`shutdown`. The scheduler belongs to the
     model thread; a request in ``DECODING`` belongs to the VAE thread, then the pool."""
 
-    def __init__(self, runner: ModelRunner, config: EngineConfig) -> None:
+    def __init__(
+        self,
+        runner: ModelRunner,
+        config: EngineConfig,
+        *,
+        stats: EngineStats | None = None,
+        observers: Observers | None = None,
+    ) -> None:
         self.runner = runner
         self.config = config
+        # Counters and observers may outlive this core (a restarted engine keeps them).
+        self.stats = stats if stats is not None else EngineStats()
+        self.observers = observers if observers is not None else Observers()
         self.scheduler = Scheduler(
             config.max_batch_rows,
             mode=config.mode,
@@ -79,15 +90,16 @@ class EngineCore:
         self._device_turn = contextlib.nullcontext() if overlap else _Turns()
 
     @classmethod
-    def load(cls, config: EngineConfig) -> EngineCore:
-        """Load the model named by ``config`` (blocking) and build an idle core."""
+    def load(cls, config: EngineConfig, **kwargs) -> EngineCore:
+        """Load the model named by ``config`` (blocking) and build an idle core
+        (``kwargs``: ``stats`` and ``observers`` to share)."""
         from .loader import load_pipeline
 
         loaded = load_pipeline(config)
         runner = ModelRunner(
             loaded.pipeline, device=loaded.device, dtype=loaded.dtype, text_cache_size=config.text_cache_size
         )
-        return cls(runner, config)
+        return cls(runner, config, **kwargs)
 
     # Thread-safe entry points
 
@@ -110,6 +122,16 @@ class EngineCore:
     def alive(self) -> bool:
         threads = (self._thread, self._vae_thread)
         return all(t is not None and t.is_alive() for t in threads) and not self._stopping
+
+    def snapshot(self) -> EngineStats:
+        """The counters, with the requests held now counted by stage."""
+        with self._lock:
+            statuses = [request.status for request in self._requests.values()]
+        return self.stats.copy(
+            waiting=sum(s <= RequestStatus.PREPARING for s in statuses),
+            denoising=sum(s == RequestStatus.DENOISING for s in statuses),
+            decoding=sum(s == RequestStatus.DECODING for s in statuses),
+        )
 
     def add_request(self, api: UpscaleRequest) -> bool:
         """Admit ``api``; False if the queue is full. Its image is decoded on the pool.
@@ -221,8 +243,14 @@ class EngineCore:
                 return
             del self._requests[request.request_id]
             request.status = _final_status(output)
+            if request.status is RequestStatus.FINISHED_OK:
+                self.stats.succeeded += 1
+            else:
+                self.stats.failed += 1
             emit = self._emit
         emit(output)
+        if self.observers:
+            self.observers(_request_done(request, output))
 
     # The model thread: UNet steps only.
 
@@ -310,8 +338,12 @@ class EngineCore:
         batch = ScheduledBatch(requests[0].shape, tuple(requests), sum(r.rows for r in requests), tick)
         with self._device_turn:
             _, seconds = timed(self.runner.step, batch)
+        self._count_unet_call(batch, seconds)
         finished = []
+        now = time.monotonic()
         for request in requests:
+            if request.first_step_at is None:
+                request.first_step_at = now
             request.step_index += 1
             request.unet_calls += 1
             request.max_batch_rows = max(request.max_batch_rows, batch.rows)
@@ -319,10 +351,32 @@ class EngineCore:
             if request.api.want_progress:
                 self._emit(Progress(request.request_id, request.step_index, request.total_steps))
             if request.done_denoising:
+                request.denoised_at = now
                 finished.append(request)
         for request in finished:
             request.status = RequestStatus.DECODING
         self.scheduler.finish(finished)
+
+    def _count_unet_call(self, batch: ScheduledBatch, seconds: float) -> None:
+        stats = self.stats  # written by the model thread only
+        stats.unet_calls += 1
+        stats.unet_rows += batch.rows
+        stats.unet_seconds += seconds
+        if self.observers:
+            self.observers(UnetCall(batch.rows, len(batch.requests), seconds, batch.shape))
+
+    def _count_vae_call(self, op: str, items: int, seconds: float) -> None:
+        stats = self.stats  # written by the VAE thread only
+        if op == "encode":
+            stats.encode_calls += 1
+            stats.encoded += items
+            stats.encode_seconds += seconds
+        else:
+            stats.decode_calls += 1
+            stats.decoded += items
+            stats.decode_seconds += seconds
+        if self.observers:
+            self.observers(VaeCall(op, items, seconds))
 
     def _decode_released(self) -> None:
         released = self.scheduler.take_released()
@@ -383,6 +437,7 @@ class EngineCore:
         requests = [r for r, _ in live]
         with self._device_turn:
             _, seconds = timed(self.runner.prepare, requests, [p for _, p in live])
+        self._count_vae_call("encode", len(requests), seconds)
         for request in requests:
             request.engine_seconds += seconds / len(requests)
         if self._stopping:  # no model loop will take them (their requests have ended)
@@ -399,6 +454,7 @@ class EngineCore:
             return
         with self._device_turn:
             images, seconds = timed(self.runner.decode, requests)
+        self._count_vae_call("decode", len(requests), seconds)
         for request, pixels in zip(requests, images):
             request.engine_seconds += seconds / len(requests)
             alpha = self.runner.states[request.request_id].prepared.alpha
@@ -491,6 +547,20 @@ def _final_status(output: EngineOutput) -> RequestStatus:
     if isinstance(output, EngineError) and output.code is ErrorCode.ABORTED:
         return RequestStatus.FINISHED_ABORTED
     return RequestStatus.FINISHED_ERROR
+
+
+def _request_done(request: Request, output: EngineOutput) -> RequestDone:
+    def since(at: float | None) -> float | None:
+        return None if at is None else at - request.arrival
+
+    outcome = "success" if isinstance(output, UpscaleResult) else str(output.code)
+    return RequestDone(
+        request.request_id,
+        outcome,
+        since(request.first_step_at),
+        since(request.denoised_at),
+        time.monotonic() - request.arrival,
+    )
 
 
 def _internal(request: Request) -> EngineError:

@@ -47,6 +47,8 @@ class Request:
     engine_seconds: float = 0.0
     unet_calls: int = 0
     max_batch_rows: int = 0
+    first_step_at: float | None = None  # time.monotonic() of its first UNet step
+    denoised_at: float | None = None  # ... and of its last
 
     @property
     def request_id(self) -> str:

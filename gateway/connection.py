@@ -295,7 +295,7 @@ class Connection:
                 self._dispatch(task)
             except Exception:
                 logger.exception("handling a task failed")
-                task_type = "imageUpscale" if isinstance(task, Upscale) else getattr(task, "taskType", None)
+                task_type = getattr(task, "taskType", None)
                 self.send(error_frame(internal_error(task_type, getattr(task, "taskUUID", None))))
             if self._closed:
                 return
@@ -308,7 +308,7 @@ class Connection:
         elif isinstance(task, Authentication):
             self._authenticate(task)
         elif self.session is None:
-            task_type = "imageUpscale" if isinstance(task, Upscale) else task.taskType
+            task_type = task.taskType
             self.send(
                 error_frame(
                     TaskError(

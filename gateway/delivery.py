@@ -175,15 +175,15 @@ class Gateway:
                 connection.api_key,
                 connection.session,
                 task.taskUUID,
-                "imageUpscale",
+                task.taskType,
                 task.deliveryMethod == "async",
             )
         except TaskError as error:
-            connection.send(error_frame(error.for_task("imageUpscale", task.taskUUID)))
+            connection.send(error_frame(error.for_task(task.taskType, task.taskUUID)))
             return
         connection.in_flight += 1
         if record.deliver_async:
-            connection.send(data_frame({"taskType": "imageUpscale", "taskUUID": task.taskUUID}))
+            connection.send(data_frame({"taskType": task.taskType, "taskUUID": task.taskUUID}))
         if task.webhookURL or task.uploadEndpoint or _is_url(task.image):
             self.spawn(self._run_upscale(connection, record, task))  # DNS or a download first
             return
@@ -197,7 +197,7 @@ class Gateway:
         self._admit(pending, data)
 
     def _check_upscale(self, connection: Connection, task: Upscale) -> None:
-        if task.model not in self.config.accepted_models:
+        if task.model is not None and task.model not in self.config.accepted_models:
             raise TaskError(
                 "invalidModel",
                 f"model {task.model[:100]!r} is not served here; use runware:502@1",
@@ -291,12 +291,12 @@ class Gateway:
             self._finish(pending.record, task, item=item, origin=pending.connection)
             return
         if isinstance(exc, TaskError):
-            error = exc.for_task("imageUpscale", task.taskUUID)
+            error = exc.for_task(task.taskType, task.taskUUID)
         elif isinstance(exc, asyncio.CancelledError):
-            error = _shutdown_error(task.taskUUID)
+            error = _shutdown_error(task.taskUUID, task.taskType)
         else:
             logger.error("task %s failed", task.taskUUID, exc_info=exc)
-            error = internal_error("imageUpscale", task.taskUUID)
+            error = internal_error(task.taskType, task.taskUUID)
         self._finish(pending.record, task, error=error, origin=pending.connection)
 
     async def _check_outbound_urls(self, task: Upscale) -> None:
@@ -348,7 +348,7 @@ class Gateway:
     ) -> dict:
         fmt = result.output_format
         item = {
-            "taskType": "imageUpscale",
+            "taskType": task.taskType,
             "taskUUID": task.taskUUID,
             "status": "success",
             "imageUUID": stored.image_uuid,
@@ -410,7 +410,7 @@ class Gateway:
         record.progress = progress.percent
         if pending.task.includeProgress and not record.deliver_async and not record.finished:
             item = {
-                "taskType": "imageUpscale",
+                "taskType": record.task_type,
                 "taskUUID": record.task_uuid,
                 "status": "processing",
                 "progress": progress.percent,
@@ -628,7 +628,7 @@ def _engine_error(error: EngineError, field: str) -> TaskError:
     return TaskError(code, error.message, parameter=field, type="string")
 
 
-def _shutdown_error(task_uuid: str, task_type: str = "imageUpscale") -> TaskError:
+def _shutdown_error(task_uuid: str, task_type: str) -> TaskError:
     return TaskError(
         "taskAborted",
         "the server shut down before the task finished",

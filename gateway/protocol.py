@@ -32,7 +32,6 @@ __all__ = [
 ]
 
 MAX_SEED = 9223372036854775807
-UPSCALE_TYPES = ("imageUpscale", "upscale")
 
 
 class _Model(BaseModel):
@@ -67,7 +66,8 @@ class UpscaleInputs(_Model):
 class Upscale(_Model):
     taskType: Literal["imageUpscale", "upscale"]
     taskUUID: str
-    model: Annotated[str, Field(min_length=1, max_length=256)]
+    # Absent: the loaded model (the hosted API accepts an upscale without one).
+    model: Annotated[str, Field(min_length=1, max_length=256)] | None = None
     inputImage: Annotated[str, Field(min_length=1)] | None = None
     inputs: UpscaleInputs | None = None
     upscaleFactor: float = 2
@@ -195,7 +195,7 @@ def parse_task(item: Any) -> Task | TaskError:
             task_uuid=task_uuid,
             task_type=str(task_type)[:64],
         )
-    reply_type = "imageUpscale" if task_type in UPSCALE_TYPES else task_type
+    reply_type = task_type  # replies carry the request's own taskType ("upscale" or "imageUpscale")
     if task_type in _NEEDS_UUID:
         problem = _check_uuid(raw_uuid)
         if problem is not None:

@@ -73,7 +73,7 @@ async def test_a_redirect_to_a_private_address_is_refused(local_http):
 
 async def test_webhook_receives_the_result_and_is_retried(open_server, local_http):
     local_http.fail_next = 1
-    task = upscale_task(webhookURL=local_http.url + "/hook", outputType="URL")
+    task = upscale_task(webhookURL=local_http.url + "/hook", outputType="URL", taskType="upscale")
     async with client(open_server) as c:
         item = (await c.run([task]))[task["taskUUID"]][-1]
     await wait_for(lambda: len(local_http.received) >= 2)
@@ -81,6 +81,7 @@ async def test_webhook_receives_the_result_and_is_retried(open_server, local_htt
     assert (m1, p1, m2, path, content_type) == ("POST", "/hook", "POST", "/hook", "application/json")
     posted = orjson.loads(body)
     assert posted == item and "data" not in posted
+    assert posted["taskType"] == "upscale"  # the request's own taskType
 
 
 async def test_upload_endpoint_gets_the_bytes_before_the_result(open_server, local_http):

@@ -114,10 +114,23 @@ def test_burst_is_batched_and_batch_invariant(stock):
     # All together.
     core = EngineCore.load(CONFIG)
     core.runner.unet = counter = CountingUNet(core.runner.unet)
+    events = []
+    core.observers.add(events.append)
     try:
         together, _ = run(core, requests)
+        stats = core.snapshot()
     finally:
         core.shutdown()
+    # The engine's own counters and observer events agree with the wrapped UNet.
+    assert (stats.unet_calls, stats.unet_rows) == (len(counter.calls), sum(r for _, r in counter.calls))
+    assert stats.succeeded == len(requests) and stats.failed == 0, stats
+    assert (stats.waiting, stats.denoising, stats.decoding) == (0, 0, 0), stats
+    assert stats.encoded == stats.decoded == len(requests), stats
+    unet_events = [e for e in events if type(e).__name__ == "UnetCall"]
+    assert [e.rows for e in unet_events] == [r for _, r in counter.calls]
+    done = {e.request_id: e for e in events if type(e).__name__ == "RequestDone"}
+    assert set(done) == {r.request_id for r in requests}
+    assert all(e.outcome == "success" and 0 <= e.first_step <= e.denoised <= e.finished for e in done.values())
     for req in requests:
         a, b = alone[req.request_id], together[req.request_id]
         assert isinstance(a, UpscaleResult) and isinstance(b, UpscaleResult)

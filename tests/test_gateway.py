@@ -118,7 +118,7 @@ TASK_ERRORS = [
     ({"taskUUID": None}, "missingTaskUUID", "taskUUID"),
     ({"taskUUID": "not-a-uuid"}, "invalidTaskUUID", "taskUUID"),
     ({"taskType": "imageInference"}, "unsupportedTaskType", "taskType"),
-    ({"model": None}, "missingModel", "model"),
+    ({"model": ""}, "invalidModel", "model"),
     ({"model": "civitai:1@1"}, "invalidModel", "model"),
     ({"inputImage": None}, "missingInputImage", "inputImage"),
     ({"inputs": {"image": "x"}}, "invalidInputImage", "inputImage"),
@@ -569,3 +569,37 @@ async def test_invalid_utf8_fails_only_that_socket(null_server):
         assert closed.value.rcvd is not None and closed.value.rcvd.code == 1007
     async with client(null_server) as c:
         await assert_still_works(c)
+
+
+@pytest.mark.parametrize("task_type", ["upscale", "imageUpscale"])
+async def test_every_reply_carries_the_requests_own_task_type(null_server, task_type):
+    """The model page gives the response taskType as `upscale`; legacy clients send and
+    expect `imageUpscale`: results, errors, progress, acknowledgements and getResponse
+    items all echo what the request said."""
+    sync = upscale_task(taskType=task_type, includeProgress=True)
+    later = upscale_task(taskType=task_type, deliveryMethod="async")
+    bad = upscale_task(taskType=task_type, outputQuality=5)
+    async with client(null_server) as c:
+        items = await c.run([sync])
+        assert [i["taskType"] for i in items[sync["taskUUID"]]] == [task_type, task_type]
+        assert items[sync["taskUUID"]][0]["status"] == "processing"
+        await c.send([later])
+        assert await c.recv() == {"data": [{"taskType": task_type, "taskUUID": later["taskUUID"]}]}
+        await c.send([{"taskType": "getResponse", "taskUUID": later["taskUUID"]}])
+        polled = (await c.recv())["data"][0]
+        assert (polled["taskType"], polled["status"]) == (task_type, "success")
+        error = await c.error([bad])
+        assert (error["code"], error["taskType"]) == ("invalidOutputQuality", task_type)
+        error = await c.error([{**upscale_task(taskType=task_type), "taskUUID": sync["taskUUID"]}])
+        assert (error["code"], error["taskType"]) == ("conflictTaskUUID", task_type)
+
+
+async def test_an_upscale_without_model_runs_on_the_loaded_model(null_server):
+    """Runware's own sdk-js tests call upscaleGan() with no model; the hosted API accepts it."""
+    task = upscale_task(taskType="upscale")
+    del task["model"]
+    async with client(null_server) as c:
+        item = (await c.run([task]))[task["taskUUID"]][-1]
+        assert (item["status"], item["taskType"]) == ("success", "upscale")
+        error = await c.error([upscale_task(model="someone:else@1")])
+        assert (error["code"], error["parameter"]) == ("invalidModel", "model")

@@ -277,6 +277,7 @@ def test_new_python_sdk(new_python, live_server, input_png, tmp_path):
         _check_image(summary[case]["file"])
     assert summary["sync"]["items"] == 1 and summary["default-async"]["items"] == 1, summary
     assert isinstance(summary["sync"]["cost"], float) and summary["sync"]["cost"] > 0, summary
+    assert summary["sync"]["taskType"] == "upscale", summary  # the request's own taskType
     assert _is_uuid(summary["upload"]["imageUUID"]), summary["upload"]
     assert summary["uuid-dataURI"]["inputImageUUID"] == summary["upload"]["imageUUID"], summary
     assert len(summary["concurrent"]) == 3
@@ -299,9 +300,11 @@ def test_js_sdk(js_folder, live_server, input_png, tmp_path):
         live_server,
         cwd=js_folder,
     )
-    for case in ("upscale", "uuid-URL", "dataURI-webp", "async"):
+    for case in ("upscale", "no-model", "uuid-URL", "dataURI-webp", "async"):
         _check_image(summary[case]["file"])
+    assert summary["no-model"]["taskType"] == "upscale", summary
     assert isinstance(summary["upscale"]["cost"], float) and summary["upscale"]["cost"] > 0, summary
+    assert summary["upscale"]["taskType"] == "upscale", summary
     assert _is_uuid(summary["upload"]["imageUUID"]), summary["upload"]
     assert summary["uuid-URL"]["inputImageUUID"] == summary["upload"]["imageUUID"], summary
     assert summary["async"]["status"] == "success", summary["async"]

@@ -41,6 +41,11 @@ const runware = new Runware({ apiKey, url });
 let image = await runware.upscaleGan(upscale(dataUri, { includeCost: true }));
 summary.upscale = { file: await save("upscale", image, "png"), cost: image.cost, taskType: image.taskType };
 
+// No model at all, as Runware's own sdk-js tests call it: the loaded model serves it.
+const { model: _unused, ...modelless } = upscale(dataUri);
+image = await runware.upscaleGan(modelless);
+summary["no-model"] = { file: await save("no-model", image, "png"), taskType: image.taskType };
+
 // imageUpload, then the alias upscale() by the stored UUID, URL output (JPG).
 const uploaded = await runware.imageUpload({ image: dataUri });
 summary.upload = { imageUUID: uploaded.imageUUID, imageURL: uploaded.imageURL };
