@@ -1,8 +1,8 @@
 """``GatewayServer``: wires the engine, the gateway core and websockets together.
 
 WebSocket at ``/``, ``/v1`` and ``/v1/`` (query strings ignored); plain HTTP on the
-same port through websockets' ``process_request``: ``GET /images/{uuid}.{ext}``,
-``GET /healthz`` and ``GET /readyz``.
+same port through websockets' ``process_request``: the ``GET`` endpoints of
+:mod:`gateway.routes` (images, health, readiness).
 
 Shutdown is a procedure, like websockets' ``Server.close()``: stop accepting, let
 in-flight tasks finish within a grace period, close sockets with 1001, stop the engine.
@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
-import math
 import time
 from collections.abc import Callable
 
@@ -27,6 +26,7 @@ from .config import GatewayConfig, is_loopback
 from .connection import AuthLimiter, Connection
 from .delivery import Gateway
 from .http import Outbound
+from .routes import HttpResponse, Routes, text
 
 __all__ = ["GatewayServer"]
 
@@ -56,6 +56,7 @@ class GatewayServer:
             config, engine or InprocEngineClient(config.engine), clock=clock, outbound=outbound
         )
         self.limiter = AuthLimiter(config.auth_failures_per_minute, clock)
+        self.routes = Routes(self.gateway)
         self.connections: set[Connection] = set()
         self._server: Server | None = None
 
@@ -130,35 +131,16 @@ class GatewayServer:
 
     # Plain HTTP on the same port
 
-    def _process_request(self, ws: ServerConnection, request: Request) -> Response | None:
+    async def _process_request(self, ws: ServerConnection, request: Request) -> Response | None:
         path = request.path.split("?", 1)[0]
         is_upgrade = "websocket" in request.headers.get("Upgrade", "").lower()
         if path in WEBSOCKET_PATHS and is_upgrade:
             return None
-        if path == "/healthz":
-            return _response(200, b"ok\n", "text/plain")
-        if path == "/readyz":
-            ready = self.gateway.ready
-            return _response(200 if ready else 503, b"ready\n" if ready else b"not ready\n", "text/plain")
-        if path.startswith("/images/"):
-            return self._image(path.removeprefix("/images/"))
-        if path in WEBSOCKET_PATHS:
-            return _response(426, b"this endpoint speaks WebSocket\n", "text/plain")
-        return _response(404, b"not found\n", "text/plain")
-
-    def _image(self, name: str) -> Response:
-        image_uuid = name.rsplit(".", 1)[0]
-        stored = self.gateway.store.get(image_uuid)
-        if stored is None:
-            return _response(404, b"image not found or expired\n", "text/plain")
-        max_age = max(0, math.floor(stored.expires_at - self.gateway.clock()))
-        return _response(200, stored.data, stored.media_type, cache=f"public, max-age={max_age}, immutable")
+        answer = await self.routes.get(path)
+        if answer is None and path in WEBSOCKET_PATHS:
+            answer = text(426, "this endpoint speaks WebSocket")
+        return _response(answer or text(404, "not found"))
 
 
-def _response(status: int, body: bytes, content_type: str, cache: str = "no-store") -> Response:
-    from http import HTTPStatus
-
-    headers = Headers(
-        [("Content-Type", content_type), ("Content-Length", str(len(body))), ("Cache-Control", cache)]
-    )
-    return Response(status, HTTPStatus(status).phrase, headers, body)
+def _response(answer: HttpResponse) -> Response:
+    return Response(answer.status, answer.reason, Headers(answer.header_list()), answer.body)
