@@ -52,6 +52,11 @@ class EngineUnavailable(Exception):
 class EngineClient(abc.ABC):
     """Async handle on an engine. Start it, submit requests, read :meth:`outputs`."""
 
+    #: True for an engine whose requests run, and are completed, in other processes (a
+    #: cluster's queue): its requests carry ``image_uuid`` and ``context``, and it answers
+    #: each with :class:`~engine.api.Finished` (or an ``EngineError``).
+    remote: bool = False
+
     @abc.abstractmethod
     async def start(self) -> None:
         """Load the model and start the engine; returns once it can take requests."""

@@ -62,13 +62,14 @@ class Routes:
         if path == "/readyz":
             return text(200, "ready") if self.gateway.ready else text(503, "not ready")
         if path.startswith("/images/"):
-            return self._image(path.removeprefix("/images/"))
+            return await self._image(path.removeprefix("/images/"))
         return None
 
-    def _image(self, name: str) -> HttpResponse:
+    async def _image(self, name: str) -> HttpResponse:
         image_uuid = name.rsplit(".", 1)[0]
-        stored = self.gateway.store.get(image_uuid)
+        store = self.gateway.store
+        stored = await store.get(image_uuid)
         if stored is None:
             return text(404, "image not found or expired")
-        max_age = max(0, math.floor(stored.expires_at - self.gateway.clock()))
+        max_age = max(0, math.floor(stored.expires_at - store.clock()))
         return HttpResponse(200, stored.data, stored.media_type, cache=f"public, max-age={max_age}, immutable")
