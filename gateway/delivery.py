@@ -149,7 +149,12 @@ class Gateway:
             self._check_upscale(peer, task)
             assert peer.session is not None
             record = await self.state.register(
-                peer.api_key, peer.session, task.taskUUID, task.taskType, task.deliveryMethod == "async"
+                peer.api_key,
+                peer.session,
+                task.taskUUID,
+                task.taskType,
+                task.deliveryMethod == "async",
+                origin=peer,
             )
         except TaskError as error:
             peer.send(error_frame(error.for_task(task.taskType, task.taskUUID)))
@@ -319,6 +324,7 @@ class Gateway:
                 continue
             if isinstance(output, Finished):  # completed and delivered where it ran
                 pending.peer.in_flight -= 1
+                self.state.settled(pending.record)
                 continue
             if pending.task.uploadEndpoint or not self._inline:
                 self.spawn(self._complete(pending, output))  # it waits for I/O

@@ -81,11 +81,22 @@ class GatewayState(abc.ABC):
 
     # Task records
 
+    def settled(self, record: TaskRecord) -> None:
+        """A task registered here was finished elsewhere (by a cluster worker)."""
+        return None
+
     @abc.abstractmethod
     async def register(
-        self, api_key: str, session: Session, task_uuid: str, task_type: str, deliver_async: bool
+        self,
+        api_key: str,
+        session: Session,
+        task_uuid: str,
+        task_type: str,
+        deliver_async: bool,
+        origin: Peer | None = None,
     ) -> TaskRecord:
-        """A new task; raises ``conflictTaskUUID`` if ``task_uuid`` is known."""
+        """A new task (``origin``: the peer that sent it); raises ``conflictTaskUUID``
+        if ``task_uuid`` is known."""
 
     @abc.abstractmethod
     async def finish(
@@ -147,7 +158,13 @@ class LocalState(GatewayState):
             self.sessions.keep(session, frame)
 
     async def register(
-        self, api_key: str, session: Session, task_uuid: str, task_type: str, deliver_async: bool
+        self,
+        api_key: str,
+        session: Session,
+        task_uuid: str,
+        task_type: str,
+        deliver_async: bool,
+        origin: Peer | None = None,
     ) -> TaskRecord:
         return self.sessions.register(api_key, session, task_uuid, task_type, deliver_async)
 
