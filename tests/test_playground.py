@@ -265,3 +265,13 @@ async def test_routes_serve_the_page_stats_and_a_redirect_but_upgrades_on_root_s
     async with connect(f"ws://127.0.0.1:{server.port}/") as ws:  # WebSocket upgrades on / still work
         await ws.send('[{"taskType":"ping","ping":true}]')
         assert orjson.loads(await ws.recv()) == {"data": [{"taskType": "ping", "pong": True}]}
+
+
+@pytest.mark.parametrize("ci,outcome", [("true", pytest.fail.Exception), ("", pytest.skip.Exception)])
+async def test_a_missing_browser_skips_locally_and_fails_in_ci(monkeypatch, ci, outcome):
+    import tests.browser
+
+    monkeypatch.setattr(tests.browser, "chromium_path", lambda: None)
+    monkeypatch.setenv("CI", ci)
+    with pytest.raises(outcome, match="apt-get install -y --no-install-recommends chromium"):
+        tests.browser.require_chromium()
