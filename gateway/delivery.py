@@ -95,6 +95,15 @@ class Gateway:
         """Tasks still being worked on (for graceful shutdown)."""
         return len(self._jobs) + len(self._pending)
 
+    def counts(self) -> dict[str, int]:
+        """What the gateway holds now, for ``GET /stats``: upscale tasks not yet answered
+        (all keys), those the engine is working on, and sessions with a live socket."""
+        return {
+            "tasks_in_flight": self.sessions.running_total(),
+            "engine_tasks": len(self._pending),
+            "sessions_attached": len(self._attached),
+        }
+
     async def close(self) -> None:
         await self.engine.close()
         if self._dispatcher is not None:
