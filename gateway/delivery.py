@@ -124,6 +124,11 @@ class Gateway:
         assert isinstance(self.state, LocalState)
         return self.state.sessions
 
+    def counts(self) -> dict[str, int]:
+        """What the gateway holds now, for ``GET /stats``: upscale tasks not yet answered
+        (all keys), those the engine is working on, and sessions with a live socket."""
+        return {**self.state.counts(), "engine_tasks": len(self._pending)}
+
     async def close(self) -> None:
         await self.engine.close()
         if self._dispatcher is not None:

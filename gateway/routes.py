@@ -9,14 +9,25 @@ entry in :meth:`Routes.get`, and every port has it.
 - ``GET /healthz``: the process is alive.
 - ``GET /readyz``: the model (or the cluster) can take tasks; 503 otherwise.
 - ``GET /images/{uuid}.{ext}``: a stored image until its TTL ends; 404 after.
+- ``GET /stats``: JSON counters (engine and gateway) for dashboards and the playground;
+  no API key needed (it holds no secrets).
+- ``GET /playground`` and ``GET /playground/{file}``: the web playground
+  (:mod:`gateway.playground`), with a strict Content-Security-Policy. A plain ``GET /``
+  (a browser, not a WebSocket upgrade, which the front end handles first) redirects there.
 """
 
 from __future__ import annotations
 
 import math
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from http import HTTPStatus
 from typing import TYPE_CHECKING
+
+import orjson
+
+from . import playground
 
 if TYPE_CHECKING:
     from .delivery import Gateway
@@ -24,6 +35,7 @@ if TYPE_CHECKING:
 __all__ = ["HttpResponse", "Routes"]
 
 TEXT = "text/plain; charset=utf-8"
+JSON = "application/json"
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,9 +63,21 @@ def text(status: int, message: str) -> HttpResponse:
     return HttpResponse(status, (message + "\n").encode())
 
 
+def redirect(location: str) -> HttpResponse:
+    """A 302 to ``location``, relative so that it works behind a path prefix."""
+    return HttpResponse(302, b"", headers=(("Location", location),))
+
+
+def _static(file: playground.StaticFile) -> HttpResponse:
+    return HttpResponse(200, file.body, file.content_type, cache="no-cache", headers=playground.SECURITY_HEADERS)
+
+
 class Routes:
-    def __init__(self, gateway: Gateway) -> None:
+    def __init__(self, gateway: Gateway, *, open_connections: Callable[[], int] | None = None) -> None:
+        """``open_connections``: the front end's count of open sockets, for ``/stats``."""
         self.gateway = gateway
+        self.open_connections = open_connections
+        self.playground = {name: _static(file) for name, file in playground.load().items()}  # read once
 
     async def get(self, path: str) -> HttpResponse | None:
         """The answer to ``GET path`` (query string already removed), or None."""
@@ -63,6 +87,16 @@ class Routes:
             return text(200, "ready") if self.gateway.ready else text(503, "not ready")
         if path.startswith("/images/"):
             return await self._image(path.removeprefix("/images/"))
+        if path == "/stats":
+            return self._stats()
+        if path == "/":
+            return redirect("playground")
+        if path == "/playground":
+            return self.playground["index.html"]
+        if path == "/playground/":  # the page's relative URLs need it without the slash
+            return redirect("../playground")
+        if path.startswith("/playground/") and path != "/playground/index.html":
+            return self.playground.get(path.removeprefix("/playground/"))
         return None
 
     async def _image(self, name: str) -> HttpResponse:
@@ -73,3 +107,17 @@ class Routes:
             return text(404, "image not found or expired")
         max_age = max(0, math.floor(stored.expires_at - store.clock()))
         return HttpResponse(200, stored.data, stored.media_type, cache=f"public, max-age={max_age}, immutable")
+
+    def _stats(self) -> HttpResponse:
+        """Counters since start; rates come from the difference of two reads over
+        ``monotonic_s`` (e.g. rows per UNet call = Δunet_rows / Δunet_calls)."""
+        counts = self.gateway.counts()
+        if self.open_connections is not None:
+            counts["connections"] = self.open_connections()
+        body = {
+            "monotonic_s": round(time.monotonic(), 3),
+            "ready": self.gateway.ready,
+            "engine": self.gateway.engine.stats().as_dict(),
+            "gateway": counts,
+        }
+        return HttpResponse(200, orjson.dumps(body), JSON)

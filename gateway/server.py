@@ -2,7 +2,7 @@
 
 WebSocket at ``/``, ``/v1`` and ``/v1/`` (query strings ignored); plain HTTP on the
 same port through websockets' ``process_request``: the ``GET`` endpoints of
-:mod:`gateway.routes` (images, health, readiness).
+:mod:`gateway.routes` (images, health, readiness, stats, the playground).
 
 Shutdown is a procedure, like websockets' ``Server.close()``: stop accepting, let
 in-flight tasks finish within a grace period, close sockets with 1001, stop the engine.
@@ -65,7 +65,7 @@ class GatewayServer:
             state=state,
         )
         self.limiter = AuthLimiter(config.auth_failures_per_minute, clock)
-        self.routes = Routes(self.gateway)
+        self.routes = Routes(self.gateway, open_connections=lambda: len(self.connections))
         self.connections: set[Connection] = set()
         self._server: Server | None = None
 

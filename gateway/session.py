@@ -171,6 +171,10 @@ class SessionStore:
     def running(self, api_key: str) -> int:
         return self._running.get(api_key, 0)
 
+    def running_total(self) -> int:
+        """Unfinished tasks of every API key."""
+        return sum(self._running.values())
+
     def _bound_records(self) -> None:
         """Forget the oldest finished records beyond ``max_records`` (running ones stay)."""
         while len(self._records) > self.max_records and self._finished:

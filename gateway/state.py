@@ -81,6 +81,11 @@ class GatewayState(abc.ABC):
 
     # Task records
 
+    def counts(self) -> dict[str, int]:
+        """Upscale tasks registered here and not yet answered, and sessions with a live
+        peer here (``GET /stats``)."""
+        return {"tasks_in_flight": 0, "sessions_attached": 0}
+
     def settled(self, record: TaskRecord) -> None:
         """A task registered here was finished elsewhere (by a cluster worker)."""
         return None
@@ -150,6 +155,9 @@ class LocalState(GatewayState):
 
     def attached(self) -> list[Peer]:
         return list(self._attached.values())
+
+    def counts(self) -> dict[str, int]:
+        return {"tasks_in_flight": self.sessions.running_total(), "sessions_attached": len(self._attached)}
 
     def deliver(self, session: Session, frame: bytes) -> None:
         """Send ``frame`` on the session's socket, or keep it for when it resumes."""

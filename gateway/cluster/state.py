@@ -177,6 +177,9 @@ class RedisState(GatewayState):
     def running(self, api_key: str) -> int:
         return self._running[api_key]
 
+    def counts(self) -> dict[str, int]:
+        return {"tasks_in_flight": sum(self._running.values()), "sessions_attached": len(self._attached)}
+
     def settled(self, record: TaskRecord) -> None:
         self._count_finished(record)
 
