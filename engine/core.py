@@ -94,11 +94,12 @@ class EngineCore:
         """Load the model named by ``config`` (blocking) and build an idle core
         (``kwargs``: ``stats`` and ``observers`` to share). ``sim:FIXED_MS,PER_ROW_MS``
         is the simulated model of ``engine.sim`` (benchmarks only)."""
-        from .loader import load_pipeline
         from .sim import SIM_PREFIX, SimRunner, parse_sim
 
         if config.model.startswith(SIM_PREFIX):
             return cls(SimRunner(*parse_sim(config.model)), config, **kwargs)
+        from .loader import load_pipeline  # diffusers: only for a real model
+
         loaded = load_pipeline(config)
         runner = ModelRunner(
             loaded.pipeline, device=loaded.device, dtype=loaded.dtype, text_cache_size=config.text_cache_size

@@ -152,7 +152,10 @@ class GatewayServer:
 
 
 def _response(answer: HttpResponse) -> Response:
-    return Response(answer.status, answer.reason, Headers(answer.header_list()), answer.body)
+    # websockets closes the connection after a plain-HTTP answer: say so, or a client
+    # that keeps connections alive sends its next request into a closing socket.
+    headers = Headers([*answer.header_list(), ("Connection", "close")])
+    return Response(answer.status, answer.reason, headers, answer.body)
 
 
 async def serve_http_only(

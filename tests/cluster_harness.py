@@ -78,14 +78,14 @@ class RedisProcess:
 
 
 class Role:
-    """``python -m gateway gateway|worker …`` as a real process."""
+    """``python -m gateway serve|gateway|worker …`` as a real process."""
 
     def __init__(self, kind: str, name: str, args: list[str], log_dir: Path, env: dict | None = None) -> None:
         self.kind, self.name = kind, name
         self.port = free_port()  # the gateway's port, or the worker's --http-port
         self.log = log_dir / f"{kind}-{name}.log"
         command = [sys.executable, "-m", "gateway", kind, *args]
-        command += ["--port" if kind == "gateway" else "--http-port", str(self.port)]
+        command += ["--http-port" if kind == "worker" else "--port", str(self.port)]
         if kind == "worker":
             command += ["--worker-id", name]
         with open(self.log, "ab") as log:

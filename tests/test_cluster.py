@@ -43,7 +43,7 @@ def redis_server(tmp_path_factory):
 @pytest.fixture
 def cluster(redis_server, tmp_path):
     redis_server.flush()
-    made = Cluster(redis_server, tmp_path, common=["--claim-timeout", "2"])
+    made = Cluster(redis_server, tmp_path, common=["--claim-timeout", "2", "--shutdown-grace", "3"])
     yield made
     made.close()
     print(made.logs())  # shown when the test failed
@@ -271,7 +271,7 @@ async def test_backpressure_is_global(cluster):
     tasks = [upscale_task() for _ in range(5)]
     async with connected(a.url) as ca, connected(b.url) as cb:
         await ca.send(tasks[:2])
-        await asyncio.sleep(0.3)
+        await wait_for(lambda: _queued(cluster.redis, 2))
         await cb.send(tasks[2:])
         refused = await cb.collect({t["taskUUID"] for t in tasks[3:]}, timeout=10)
         assert all(terminal(i)[0]["code"] == "rateLimitExceeded" for i in refused.values()), refused
@@ -281,11 +281,18 @@ async def test_backpressure_is_global(cluster):
     assert all(terminal(i)[0]["status"] == "success" for i in [*done_a.values(), *done_b.values()])
 
 
+async def _queued(redis: RedisProcess, count: int) -> bool:
+    """Whether the cluster's queues hold ``count`` entries."""
+    script = b"local n = 0 for _, s in ipairs(redis.call('SMEMBERS', 'lu:shapes')) do "
+    script += b"n = n + redis.call('XLEN', 'lu:q:{' .. s .. '}') end return n"
+    return redis.command(b"EVAL", script, b"0") == b":%d" % count
+
+
 async def test_redis_going_away_ends_tasks_with_an_error_and_both_roles_carry_on(tmp_path):
     if REDIS_SERVER is None:
         pytest.skip(f"redis-server is not installed; {INSTALL_HINT}")
     redis = RedisProcess(tmp_path).start()
-    cluster = Cluster(redis, tmp_path, common=["--claim-timeout", "2"])
+    cluster = Cluster(redis, tmp_path, common=["--claim-timeout", "2", "--shutdown-grace", "3"])
     try:
         gw, w = cluster.gateway("gw"), cluster.worker("w", "--max-batch-rows", "2")
         await cluster.ready(gw, w)

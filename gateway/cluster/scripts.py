@@ -42,6 +42,30 @@ local function append(sess_prefix, out_prefix, suffix, gw_prefix, sid, frame, is
 end
 """
 
+# Shared Lua: a worker begins a task (the START step, inlined where entries are taken).
+# The delivery is counted first, so a worker that dies on it has used one up. Returns
+# {verdict, context, session id, async, taskType, runs, input media type, input bytes};
+# verdict is run, poison (past max deliveries), done (answered already: drop the entry)
+# or gone (no record: Redis lost it). The input image comes along (one round trip).
+_BEGIN = """
+local function begin(task_key, max_deliveries, worker, image_prefix, suffix)
+  local f = redis.call('HMGET', task_key, 'status', 'ctx', 'sid', 'async', 'type')
+  if not f[1] then return {'gone'} end
+  if f[1] ~= 'processing' then return {'done'} end
+  local runs = redis.call('HINCRBY', task_key, 'runs', 1)
+  redis.call('HSET', task_key, 'worker', worker)
+  local verdict = 'run'
+  if runs > tonumber(max_deliveries) then verdict = 'poison' end
+  local media, data = '', ''
+  local ok, ctx = pcall(cjson.decode, f[2] or '')
+  if verdict == 'run' and ok and ctx['input'] then
+    local image = redis.call('HMGET', image_prefix .. ctx['input'] .. suffix, 't', 'd')
+    media, data = image[1] or '', image[2] or ''
+  end
+  return {verdict, f[2] or '', f[3] or '', f[4] or '0', f[5] or '', tostring(runs), media, data}
+end
+"""
+
 # KEYS: task. ARGV: key hash, session id, async (1/0), taskType, TTL ms, gateway id,
 # origin peer id, content fingerprint.
 REGISTER = """
@@ -75,23 +99,32 @@ return id
 
 # KEYS: shapes set. ARGV: consumer, rows to take from a new shape (0: none), how long
 # (ms) the oldest entry of a new shape must have waited (0: any), queue prefix, suffix,
-# then pairs (shape, free rows) of the shapes the worker runs.
-# Returns a flat list: shape, entry id, task uuid, rows, shape, ...
-PULL = """
+# max deliveries, task prefix, image prefix, then pairs (shape, free rows) of the shapes
+# the worker runs. Entries are taken one at a time until their rows fill the free rows
+# (a two-row entry may exceed them by one), and each is begun at once (see _BEGIN).
+# Returns a list of {shape, entry id, task uuid, rows, begin's answer...}.
+PULL = (
+    _BEGIN
+    + """
 local out = {}
 local held = {}
-local function read(shape, n)
-  local r = redis.pcall('XREADGROUP', 'GROUP', 'workers', ARGV[1], 'COUNT', n, 'STREAMS',
-    ARGV[4] .. shape .. ARGV[5], '>')
-  if type(r) ~= 'table' or not r[1] then return end
-  for _, entry in ipairs(r[1][2]) do
+local function read(shape, free)
+  local taken = 0
+  while taken < free do
+    local r = redis.pcall('XREADGROUP', 'GROUP', 'workers', ARGV[1], 'COUNT', 1, 'STREAMS',
+      ARGV[4] .. shape .. ARGV[5], '>')
+    if type(r) ~= 'table' or not r[1] or not r[1][2][1] then return end
+    local entry = r[1][2][1]
     local fields = {}
     for j = 1, #entry[2], 2 do fields[entry[2][j]] = entry[2][j + 1] end
-    table.insert(out, shape); table.insert(out, entry[1])
-    table.insert(out, fields['t'] or ''); table.insert(out, fields['r'] or '1')
+    local rows = tonumber(fields['r'] or '1')
+    taken = taken + rows
+    local task_uuid = fields['t'] or ''
+    local began = begin(ARGV[7] .. task_uuid .. ARGV[5], ARGV[6], ARGV[1], ARGV[8], ARGV[5])
+    table.insert(out, {shape, entry[1], task_uuid, tostring(rows), unpack(began)})
   end
 end
-for i = 6, #ARGV, 2 do
+for i = 9, #ARGV, 2 do
   held[ARGV[i]] = true
   read(ARGV[i], tonumber(ARGV[i + 1]))
 end
@@ -123,20 +156,18 @@ local now_ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
 if tonumber(ARGV[3]) == 0 or now_ms - best_ms >= tonumber(ARGV[3]) then read(best, want) end
 return out
 """
+)
 
-# KEYS: task. ARGV: max deliveries, worker id.
-# Returns {verdict, context, session id, async, taskType, runs}; verdict is run, poison,
-# done (finished already: drop the entry) or gone (no record: Redis lost it).
-START = """
-local f = redis.call('HMGET', KEYS[1], 'status', 'ctx', 'sid', 'async', 'type')
-if not f[1] then return {'gone'} end
-if f[1] ~= 'processing' then return {'done'} end
-local runs = redis.call('HINCRBY', KEYS[1], 'runs', 1)
-redis.call('HSET', KEYS[1], 'worker', ARGV[2])
-local verdict = 'run'
-if runs > tonumber(ARGV[1]) then verdict = 'poison' end
-return {verdict, f[2] or '', f[3] or '', f[4] or '0', f[5] or '', tostring(runs)}
+# KEYS: tasks. ARGV: max deliveries, worker id, image prefix, suffix.
+# Begins each task (entries a worker took over with XAUTOCLAIM); begin's answer for each.
+START = (
+    _BEGIN
+    + """
+local out = {}
+for _, key in ipairs(KEYS) do table.insert(out, begin(key, ARGV[1], ARGV[2], ARGV[3], ARGV[4])) end
+return out
 """
+)
 
 # KEYS: queues the worker holds entries of. ARGV: consumer, group.
 REFRESH = """

@@ -171,53 +171,51 @@ class Worker:
     async def _pull(self) -> None:
         used = self._used_rows()
         pairs = [x for shape, rows in used.items() if rows < self.max_rows for x in (shape, self.max_rows - rows)]
-        idle = not used
-        args = [self.id, self.max_rows, 0 if idle else int(STARVE_AFTER * 1000), keys.queue("")[:-1], "}", *pairs]
-        flat = await self.link.script("PULL", [keys.SHAPES], args)
-        entries = [
-            (flat[i].decode(), flat[i + 1].decode(), flat[i + 2].decode(), int(flat[i + 3]))
-            for i in range(0, len(flat), 4)
-        ]
-        if entries:
-            await self._begin([_Held(uuid, shape, rows, entry) for shape, entry, uuid, rows in entries])
+        starve = 0 if not used else int(STARVE_AFTER * 1000)
+        suffix = "}"
+        args = [self.id, self.max_rows, starve, keys.queue("")[:-1], suffix, self.cluster.max_deliveries]
+        args += [keys.task("")[:-1], keys.image("")[:-1], *pairs]
+        taken = await self.link.script("PULL", [keys.SHAPES], args)
+        for shape, entry, task_uuid, rows, *began in taken:
+            held = _Held(task_uuid.decode(), shape.decode(), int(rows), entry.decode())
+            self.held[held.task_uuid] = held
+            await self._start(held, began)
 
-    async def _begin(self, taken: list[_Held]) -> None:
-        """``START`` each taken entry, read its input, and hand it to the engine."""
+    async def _take_over(self, taken: list[_Held]) -> None:
+        """Begin entries taken over from a silent worker (``START``, one round trip)."""
         for held in taken:
             self.held[held.task_uuid] = held
+        args = [self.cluster.max_deliveries, self.id, keys.image("")[:-1], "}"]
         try:
-            async with self.link.redis.pipeline(transaction=False) as pipe:
-                for held in taken:
-                    await self.link.scripts["START"](
-                        keys=[keys.task(held.task_uuid)],
-                        args=[self.cluster.max_deliveries, self.id],
-                        client=pipe,
-                    )
-                verdicts = await guarded(pipe.execute())
+            answers = await self.link.script("START", [keys.task(h.task_uuid) for h in taken], args)
         except ClusterUnavailable:
-            for held in taken:  # still pending under this consumer: retried or reclaimed later
+            for held in taken:  # still pending under this consumer: reclaimed again later
                 self.held.pop(held.task_uuid, None)
             raise
-        for held, verdict in zip(taken, verdicts):
-            try:
-                await self._begin_one(held, verdict)
-            except Exception:
-                logger.exception("starting task %s failed", held.task_uuid)
-                self._end(held, internal_error())
+        self.redelivered += len(taken)
+        for held, began in zip(taken, answers):
+            await self._start(held, began)
 
-    async def _begin_one(self, held: _Held, verdict: list) -> None:
-        kind = verdict[0].decode()
+    async def _start(self, held: _Held, began: list) -> None:
+        try:
+            await self._start_one(held, began)
+        except Exception:
+            logger.exception("starting task %s failed", held.task_uuid)
+            self._end(held, internal_error())
+
+    async def _start_one(self, held: _Held, began: list) -> None:
+        kind = began[0].decode()
         if kind in ("gone", "done"):  # lost with Redis, or answered already: drop the entry
             self.held.pop(held.task_uuid, None)
             await self._drop_entry(held)
             return
-        context, session_id, deliver_async, task_type, runs = (v.decode() for v in verdict[1:6])
-        if int(runs) > 1:
-            self.redelivered += 1
+        context, session_id, deliver_async, task_type, runs, media_type, data = began[1:8]
         job = orjson.loads(context)
         held.task = Upscale.model_validate(job["task"])
         held.input_uuid, held.base_url = job["input"], job["base"]
-        held.record = TaskRecord(held.task_uuid, task_type, "", Session(session_id, ""), deliver_async == "1")
+        held.record = TaskRecord(
+            held.task_uuid, task_type.decode(), "", Session(session_id.decode(), ""), deliver_async == b"1"
+        )
         if kind == "poison":
             self.dead_lettered += 1
             message = (
@@ -227,8 +225,7 @@ class Worker:
             logger.error("task %s: %s", held.task_uuid, message)
             self._end(held, TaskError(str(ErrorCode.RETRIES_EXHAUSTED), message))
             return
-        stored = await self.store.get(held.input_uuid)
-        if stored is None:
+        if not media_type:
             error = TaskError(
                 "invalidInputImage",
                 f"image {held.input_uuid} expired before the task ran; upload it again",
@@ -237,7 +234,7 @@ class Worker:
             )
             self._end(held, error)
             return
-        request = engine_request(held.task_uuid, held.task, stored.data, held.task.settings.seed or 0)
+        request = engine_request(held.task_uuid, held.task, data, held.task.settings.seed or 0)
         # Progress tells this worker when a request leaves the UNet (its rows are free).
         self.engine.submit(dataclasses.replace(request, want_progress=True))
 
@@ -375,7 +372,7 @@ class Worker:
             ]
             if taken:
                 logger.warning("taking over %d tasks of shape %s from a silent worker", len(taken), shape)
-                await self._begin(taken)
+                await self._take_over(taken)
 
     async def _forget_dead_consumers(self) -> None:
         idle_limit = FORGET_CONSUMERS_AFTER * self.cluster.claim_timeout * 1000
