@@ -15,7 +15,7 @@ from engine.api import EngineError, ErrorCode, UpscaleResult
 
 from .errors import TaskError, internal_error
 from .http import Outbound, OutboundError
-from .images import ImageStore, StoredImage
+from .images import ImageStore, StoredImage, new_uuid
 from .protocol import Upscale
 
 __all__ = ["Completion", "engine_error", "image_url", "shutdown_error"]
@@ -31,13 +31,27 @@ class Completion:
         self.price_per_gpu_hour = price_per_gpu_hour
 
     async def outcome(
-        self, task: Upscale, output: UpscaleResult | EngineError, input_uuid: str, base_url: str
+        self,
+        task: Upscale,
+        output: UpscaleResult | EngineError,
+        input_uuid: str,
+        base_url: str,
+        *,
+        unsaved: list[StoredImage] | None = None,
     ) -> dict:
         """The success item of ``task``; raises the TaskError it ends with instead.
-        ``base_url`` is where its ``imageURL`` points (the gateway that took the task)."""
+        ``base_url`` is where its ``imageURL`` points (the gateway that took the task).
+        With ``unsaved`` (a cluster worker), the output image is not written here but
+        added to that list, for the caller to write in the same step as the task's
+        outcome (one round trip to Redis instead of two)."""
         if isinstance(output, EngineError):
             raise engine_error(output, task.image_field)
-        stored = await self.store.put(output.image, output.output_format.media_type, task.ttl or self.output_ttl)
+        media_type, ttl = output.output_format.media_type, task.ttl or self.output_ttl
+        if unsaved is None:
+            stored = await self.store.put(output.image, media_type, ttl)
+        else:
+            stored = StoredImage(new_uuid(), output.image, media_type, self.store.clock() + ttl)
+            unsaved.append(stored)
         if task.uploadEndpoint:
             await self._upload(task, output, stored)
         return self._item(task, output, stored, input_uuid, base_url)

@@ -150,9 +150,15 @@ class Gateway:
 
     async def submit_upscale(self, peer: Peer, task: Upscale) -> None:
         """Admit an upscale task (checks that need no I/O happen here, in frame order)."""
+        needs_io = task.webhookURL or task.uploadEndpoint or is_url(task.image)  # DNS or a download
+        storing = None
         try:
             self._check_upscale(peer, task)
             assert peer.session is not None
+            if not (needs_io or self._inline):
+                # Shared stores: the input is stored while the task registers (one round
+                # trip instead of two; on a conflict the stored input just expires).
+                storing = asyncio.ensure_future(self.inputs.resolve_local(task.image, task.image_field))
             record = await self.state.register(
                 peer.api_key,
                 peer.session,
@@ -162,18 +168,20 @@ class Gateway:
                 origin=peer,
             )
         except TaskError as error:
+            if storing is not None:
+                storing.add_done_callback(_consume)
             peer.send(error_frame(error.for_task(task.taskType, task.taskUUID)))
             return
         peer.in_flight += 1
         if record.deliver_async:
             peer.send(data_frame({"taskType": task.taskType, "taskUUID": task.taskUUID}))
         pending = _Pending(record, task, peer)
-        if task.webhookURL or task.uploadEndpoint or is_url(task.image):
-            self.spawn(self._run_upscale(pending))  # DNS or a download first
+        if needs_io:
+            self.spawn(self._run_upscale(pending))
             return
         # The common case: no I/O but the image store's, admitted here and now.
         try:
-            stored = await self.inputs.resolve_local(task.image, task.image_field)
+            stored = await (storing or self.inputs.resolve_local(task.image, task.image_field))
         except Exception as exc:
             await self._end(pending, exc)
             return
@@ -339,6 +347,9 @@ class Gateway:
             except Exception:  # a bug here must not stop the delivery of every other task
                 logger.exception("delivering task %s failed", pending.task.taskUUID)
         # The engine stopped: nothing more will come for what is still pending.
+        if self.engine.remote:  # in a cluster the tasks live on: other gateways deliver them
+            self._pending.clear()
+            return
         stopped = "the server is shutting down; the task was not finished"
         for request_id in list(self._pending):
             output = EngineError(request_id, ErrorCode.ABORTED, stopped)
@@ -460,6 +471,12 @@ def task_context(task: Upscale, seed: int, input_uuid: str, base_url: str) -> by
         body["inputImage"] = input_uuid
     body.setdefault("settings", {})["seed"] = seed
     return orjson.dumps({"task": body, "input": input_uuid, "base": base_url})
+
+
+def _consume(future: asyncio.Future) -> None:
+    """Retrieve a finished future's exception nobody waits for (so it is not logged)."""
+    if not future.cancelled():
+        future.exception()
 
 
 def _admission_error(exc: Exception) -> Exception:

@@ -13,7 +13,14 @@ from ..images import ImageStore, StoredImage, new_uuid
 from . import keys
 from .link import RedisLink, guarded
 
-__all__ = ["RedisImageStore"]
+__all__ = ["RedisImageStore", "put_image"]
+
+
+def put_image(pipe, image: StoredImage) -> None:
+    """Queue the writes that store ``image`` (until its ``expires_at``) on a pipeline."""
+    key = keys.image(image.image_uuid)
+    pipe.hset(key, mapping={"t": image.media_type, "d": image.data})
+    pipe.pexpire(key, max(1, int((image.expires_at - time.time()) * 1000)))
 
 
 class RedisImageStore(ImageStore):
@@ -23,14 +30,11 @@ class RedisImageStore(ImageStore):
         self.link = link
 
     async def put(self, data: bytes, media_type: str, ttl: float, image_uuid: str | None = None) -> StoredImage:
-        image_uuid = image_uuid or new_uuid()
-        ttl_ms = max(1, int(ttl * 1000))
-        key = keys.image(image_uuid)
+        image = StoredImage(image_uuid or new_uuid(), data, media_type, time.time() + ttl)
         async with self.link.redis.pipeline(transaction=True) as pipe:
-            pipe.hset(key, mapping={"t": media_type, "d": data})
-            pipe.pexpire(key, ttl_ms)
+            put_image(pipe, image)
             await guarded(pipe.execute())
-        return StoredImage(image_uuid, data, media_type, time.time() + ttl)
+        return image
 
     async def get(self, image_uuid: str) -> StoredImage | None:
         key = keys.image(image_uuid)

@@ -29,10 +29,13 @@ from collections.abc import Callable
 import orjson
 
 from ..errors import TaskError
+from ..images import StoredImage
+from ..inputs import is_uuid
 from ..protocol import data_frame, error_frame
 from ..session import Session, TaskRecord
 from ..state import GatewayState, Peer, progress_item, without_payload
 from . import keys
+from .images import put_image
 from .link import ClusterUnavailable, RedisLink, guarded
 
 __all__ = ["RedisState"]
@@ -119,7 +122,7 @@ class RedisState(GatewayState):
         ttl_ms = _ms(self.session_ttl)
         owner = keys.key_hash(api_key)
         session_id = None
-        if resume_id and len(resume_id) <= 64:
+        if resume_id and is_uuid(resume_id):  # only ids this cluster could have issued
             args = [owner, self.member_id, ttl_ms, "resume"]
             resumed = await self._script("OPEN", [keys.session(resume_id), keys.outbox(resume_id)], args)
             session_id = resume_id if resumed else None
@@ -234,7 +237,9 @@ class RedisState(GatewayState):
         error: TaskError | None,
         origin: Peer | None = None,
         webhook: str | None = None,
+        image: StoredImage | None = None,
     ) -> bool:
+        """(``image``: an output image to write in the same step, see ``Completion.outcome``.)"""
         frame = b"" if record.deliver_async else data_frame(item) if error is None else error_frame(error)
         result = orjson.dumps(without_payload(item) if error is None else error.to_wire())
         hook = orjson.dumps(item if error is None else error.to_wire()) if webhook else b""
@@ -256,7 +261,7 @@ class RedisState(GatewayState):
             record.task_uuid,
         ]
         try:
-            won = await self.link.script("FINISH", [keys.task(record.task_uuid), keys.HOOKS], args)
+            won = await self._finish(record, args, image)
         except ClusterUnavailable as exc:
             if not self.serves_sessions:
                 raise  # a worker retries until Redis is back
@@ -267,6 +272,14 @@ class RedisState(GatewayState):
         if won == 1:
             self._count_finished(record)
         return won == 1
+
+    async def _finish(self, record: TaskRecord, args: list, image: StoredImage | None) -> int:
+        if image is None:
+            return await self.link.script("FINISH", [keys.task(record.task_uuid), keys.HOOKS], args)
+        async with self.link.redis.pipeline(transaction=True) as pipe:
+            put_image(pipe, image)
+            await self.link.scripts["FINISH"](keys=[keys.task(record.task_uuid), keys.HOOKS], args=args, client=pipe)
+            return (await guarded(pipe.execute()))[-1]
 
     def _answer_here(self, record: TaskRecord, frame: bytes) -> bool:
         if not self.serves_sessions:

@@ -39,6 +39,7 @@ from ..config import ClusterConfig, GatewayConfig
 from ..delivery import engine_request
 from ..errors import TaskError, internal_error
 from ..http import Outbound
+from ..images import StoredImage
 from ..protocol import Upscale
 from ..session import Session, TaskRecord
 from . import keys
@@ -52,6 +53,7 @@ logger = logging.getLogger(__name__)
 
 STARVE_AFTER = 2.0  # seconds an entry of a shape nobody runs may wait before a busy worker takes it
 PULL_EVERY = 0.5  # seconds between pulls when no hint comes
+REAP_EVERY = 0.5  # seconds between looks for entries idle past the claim timeout (at most)
 FORGET_CONSUMERS_AFTER = 10  # × claim_timeout of idleness, holding nothing
 
 
@@ -267,29 +269,41 @@ class Worker:
 
     async def _complete(self, held: _Held, output: UpscaleResult | EngineError) -> None:
         assert held.task is not None
+        unsaved: list = []  # the output image, written with the outcome (see Completion.outcome)
         try:
-            item = await self.completion.outcome(held.task, output, held.input_uuid, held.base_url)
+            item = await self.completion.outcome(
+                held.task, output, held.input_uuid, held.base_url, unsaved=unsaved
+            )
         except TaskError as error:
-            await self._finish(held, error=error.for_task(held.task.taskType, held.task_uuid))
+            error = error.for_task(held.task.taskType, held.task_uuid)
+            await self._finish(held, error=error, image=unsaved[0] if unsaved else None)
         except Exception:
             logger.exception("completing task %s failed", held.task_uuid)
             await self._finish(held, error=internal_error(held.task.taskType, held.task_uuid))
         else:
-            await self._finish(held, item=item)
+            await self._finish(held, item=item, image=unsaved[0])
 
     def _end(self, held: _Held, error: TaskError) -> None:
         task_type = held.task.taskType if held.task else None
         self._spawn(self._finish(held, error=error.for_task(task_type, held.task_uuid)))
 
-    async def _finish(self, held: _Held, *, item: dict | None = None, error: TaskError | None = None) -> None:
-        """``FINISH`` (exactly once, whoever is first), retried while Redis is away."""
+    async def _finish(
+        self,
+        held: _Held,
+        *,
+        item: dict | None = None,
+        error: TaskError | None = None,
+        image: StoredImage | None = None,
+    ) -> None:
+        """``FINISH`` (exactly once, whoever is first), retried while Redis is away;
+        ``image`` (the output) is written in the same step."""
         assert held.record is not None
         webhook = held.task.webhookURL if held.task else None
         delay = 0.2
         try:
             while True:
                 try:
-                    await self.state.finish(held.record, item=item, error=error, webhook=webhook)
+                    await self.state.finish(held.record, item=item, error=error, webhook=webhook, image=image)
                     return
                 except ClusterUnavailable as exc:
                     if self._stopping:
@@ -328,7 +342,8 @@ class Worker:
             await self.engine.abort([h.task_uuid for h in lost])
 
     async def _reap_loop(self) -> None:
-        every = max(0.2, self.cluster.claim_timeout / 3)
+        # Often: an entry is taken over as soon as it has been idle for the claim timeout.
+        every = min(REAP_EVERY, self.cluster.claim_timeout / 3)
         cursors: dict[str, str] = {}
         last_cleanup = time.monotonic()
         while True:
