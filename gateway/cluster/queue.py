@@ -53,6 +53,7 @@ class RedisEngineClient(QueuedOutputs):
         self.unavailable_after = unavailable_after
         state.on_task_done = self._done
         self._buffer: list[UpscaleRequest] = []
+        self._submitted = asyncio.Event()
         self._waiting: dict[str, float] = {}  # request id → when it was submitted
         self._flush: asyncio.Task | None = None
         self._reconciler: asyncio.Task | None = None
@@ -61,6 +62,7 @@ class RedisEngineClient(QueuedOutputs):
 
     async def start(self) -> None:
         self._running = True
+        self._flush = asyncio.create_task(self._enqueue_loop(), name="queue-enqueue")
         self._reconciler = asyncio.create_task(self._reconcile(), name="queue-reconcile")
 
     @property
@@ -70,13 +72,25 @@ class RedisEngineClient(QueuedOutputs):
     def submit(self, request: UpscaleRequest) -> None:
         self._waiting[request.request_id] = time.monotonic()
         self._buffer.append(request)
-        if self._flush is None:
-            self._flush = asyncio.get_running_loop().create_task(self._enqueue())
+        self._submitted.set()
 
-    async def _enqueue(self) -> None:
-        """Everything submitted in this loop turn, in one pipeline of ``ENQUEUE`` calls."""
-        await asyncio.sleep(0)
-        batch, self._buffer, self._flush = self._buffer, [], None
+    async def _enqueue_loop(self) -> None:
+        """One flush at a time, so tasks reach the queues in the order they were
+        submitted (and the last ones are those refused when the queue is full)."""
+        while True:
+            await self._submitted.wait()
+            await asyncio.sleep(0)  # let the rest of this loop turn's submissions gather
+            self._submitted.clear()
+            batch, self._buffer = self._buffer, []
+            try:
+                await self._enqueue(batch)
+            except Exception:  # a bug here must not stop every later task
+                logger.exception("enqueueing %d tasks failed", len(batch))
+                for request in batch:
+                    self._fail(request.request_id, ErrorCode.INTERNAL, "the task could not be queued")
+
+    async def _enqueue(self, batch: list[UpscaleRequest]) -> None:
+        """A batch of submissions, in one pipeline of ``ENQUEUE`` calls."""
         script = self.link.scripts["ENQUEUE"]
         prefix = keys.queue("")[:-1]
         try:
