@@ -151,7 +151,7 @@ class Connection:
 
 
 async def run_load(
-    url: str,
+    url: str | list[str],
     api_key: str,
     workload: Workload,
     *,
@@ -163,7 +163,9 @@ async def run_load(
     timeout: float = 600.0,
 ) -> dict:
     """Closed loop with ``concurrency`` tasks in flight, or open loop at ``rate``
-    tasks/s (Poisson arrivals). Returns the summary with every record."""
+    tasks/s (Poisson arrivals). Several URLs (a cluster's gateways) share the
+    connections in turn. Returns the summary with every record."""
+    urls = [url] if isinstance(url, str) else url
     rng = random.Random(seed)
     records: dict[str, TaskRecord] = {}
     plan = []
@@ -171,7 +173,7 @@ async def run_load(
         task, size = workload.sample(rng)
         records[task["taskUUID"]] = TaskRecord(task["taskUUID"], size, task["settings"]["steps"], 0.0)
         plan.append(task)
-    conns = [Connection(url, api_key, records) for _ in range(connections)]
+    conns = [Connection(urls[i % len(urls)], api_key, records) for i in range(connections)]
     for c in conns:
         await c.__aenter__()
     start = time.perf_counter()

@@ -18,14 +18,14 @@ import torch
 
 from engine import codecs
 from engine.api import EngineError, ErrorCode, Progress, UpscaleRequest, UpscaleResult
-from engine.client import EngineOverloaded, EngineUnavailable, _QueueOutputs
+from engine.client import EngineOverloaded, EngineUnavailable, QueuedOutputs
 from engine.config import EngineConfig
 from engine.loader import load_pipeline
 
 __all__ = ["StockPipelineClient"]
 
 
-class StockPipelineClient(_QueueOutputs):
+class StockPipelineClient(QueuedOutputs):
     def __init__(self, config: EngineConfig) -> None:
         super().__init__()
         self._config = config

@@ -4,7 +4,8 @@ Nothing here holds a tensor, a socket or a pydantic model, so the engine can lat
 in another process or on another machine without the gateway changing (see
 ``engine.client``). The gateway builds an :class:`UpscaleRequest` from a validated task
 and receives, keyed by ``request_id``, any number of :class:`Progress` items followed by
-exactly one terminal item: an :class:`UpscaleResult` or an :class:`EngineError`.
+exactly one terminal item: an :class:`UpscaleResult` or an :class:`EngineError` (or,
+from an engine that completes requests where it runs, a :class:`Finished`).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ __all__ = [
     "EngineError",
     "EngineOutput",
     "ErrorCode",
+    "Finished",
     "OutputFormat",
     "Progress",
     "UpscaleRequest",
@@ -48,6 +50,10 @@ class ErrorCode(enum.StrEnum):
     ABORTED = "taskAborted"  # cancelled by the gateway (client gone, shutdown)
     OVERLOADED = "rateLimitExceeded"  # engine queue full
     INTERNAL = "internalError"  # a fault of the server; message hides details
+    # Remote engines only (a cluster's queue on Redis):
+    UNAVAILABLE = "serviceUnavailable"  # the queue could not be reached for too long
+    LOST = "taskLost"  # the queue lost the task's state (Redis restarted empty)
+    RETRIES_EXHAUSTED = "taskRetriesExhausted"  # its workers died on it --max-deliveries times
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,6 +72,12 @@ class UpscaleRequest:
     output_quality: int = 95
     # Emit Progress items for this request (the engine skips the work otherwise).
     want_progress: bool = False
+    # For engines that run requests elsewhere (a cluster): the UUID under which
+    # ``image`` is already in the shared image store (it travels by reference), and
+    # what the completing side needs to turn the output into the task's answer (opaque
+    # to the engine; the in-process engine ignores both).
+    image_uuid: str = ""
+    context: bytes = b""
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,4 +120,13 @@ class EngineError:
     message: str
 
 
-EngineOutput = Progress | UpscaleResult | EngineError
+@dataclass(frozen=True, slots=True)
+class Finished:
+    """Terminal, from an engine that completes requests where it runs (a cluster
+    worker): the request's result or error was recorded and delivered there, so the
+    submitting side has nothing left to do but forget it."""
+
+    request_id: str
+
+
+EngineOutput = Progress | UpscaleResult | EngineError | Finished

@@ -36,6 +36,7 @@ __all__ = [
     "EngineUnavailable",
     "InprocEngineClient",
     "NullEngineClient",
+    "QueuedOutputs",
 ]
 
 logger = logging.getLogger(__name__)
@@ -51,6 +52,11 @@ class EngineUnavailable(Exception):
 
 class EngineClient(abc.ABC):
     """Async handle on an engine. Start it, submit requests, read :meth:`outputs`."""
+
+    #: True for an engine whose requests run, and are completed, in other processes (a
+    #: cluster's queue): its requests carry ``image_uuid`` and ``context``, and it answers
+    #: each with :class:`~engine.api.Finished` (or an ``EngineError``).
+    remote: bool = False
 
     @abc.abstractmethod
     async def start(self) -> None:
@@ -82,8 +88,9 @@ class EngineClient(abc.ABC):
         return EngineStats()
 
 
-class _QueueOutputs(EngineClient, abc.ABC):
-    """Shared plumbing: outputs go through one asyncio queue on the gateway's loop."""
+class QueuedOutputs(EngineClient, abc.ABC):
+    """Shared plumbing for implementations: outputs go through one asyncio queue on
+    the gateway's loop (``self._outputs``; ``None`` ends :meth:`outputs`)."""
 
     def __init__(self) -> None:
         self._outputs: asyncio.Queue[EngineOutput | None] = asyncio.Queue()
@@ -96,7 +103,7 @@ class _QueueOutputs(EngineClient, abc.ABC):
             yield item
 
 
-class NullEngineClient(_QueueOutputs):
+class NullEngineClient(QueuedOutputs):
     """Answers every request at once without a model, by a plain 2x nearest resize.
 
     For protocol-only tests and gateway-overhead benchmarks. Never the server's default.
@@ -182,7 +189,7 @@ class NullEngineClient(_QueueOutputs):
         self._outputs.put_nowait(None)
 
 
-class InprocEngineClient(_QueueOutputs):
+class InprocEngineClient(QueuedOutputs):
     """Runs :class:`engine.core.EngineCore` on a dedicated thread in this process.
 
     If the engine loop dies of a fault, its unfinished requests fail with

@@ -85,6 +85,31 @@ def decode_image(data: bytes, *, max_pixels: int = 2048 * 2048, min_side: int = 
         raise ImageError(ErrorCode.INVALID_IMAGE, f"could not decode image: {reason}") from exc
 
 
+# EXIF orientations that swap width and height (transposed, rotated 90° or 270°).
+_SWAPPING_ORIENTATIONS = (5, 6, 7, 8)
+PAD_MULTIPLE = 32  # the engine pads inputs to multiples of this many pixels …
+PAD_MIN = 64  # … and to at least this many (the UNet's skip connections need it)
+
+
+def latent_shape(data: bytes) -> tuple[int, int] | None:
+    """The padded latent (h, w) the engine will give this image, read from its header
+    alone (no pixel is decoded), or None if the header cannot be read. Requests of one
+    latent shape can share UNet calls: a cluster queues work by it."""
+    try:
+        image = Image.open(io.BytesIO(data))
+        width, height = image.size
+        orientation = image.getexif().get(0x0112, 1)
+    except Exception:  # untrusted bytes: the engine reports what is wrong with them
+        return None
+    if orientation in _SWAPPING_ORIENTATIONS:
+        width, height = height, width
+
+    def padded(side: int) -> int:
+        return max(-(-side // PAD_MULTIPLE) * PAD_MULTIPLE, PAD_MIN)
+
+    return padded(height) // 8, padded(width) // 8
+
+
 def _open(data: bytes, max_pixels: int) -> Image.Image:
     """Read the header only; Pillow decodes pixels lazily, on ``load()``."""
     if not data:

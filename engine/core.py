@@ -92,8 +92,13 @@ class EngineCore:
     @classmethod
     def load(cls, config: EngineConfig, **kwargs) -> EngineCore:
         """Load the model named by ``config`` (blocking) and build an idle core
-        (``kwargs``: ``stats`` and ``observers`` to share)."""
-        from .loader import load_pipeline
+        (``kwargs``: ``stats`` and ``observers`` to share). ``sim:FIXED_MS,PER_ROW_MS``
+        is the simulated model of ``engine.sim`` (benchmarks only)."""
+        from .sim import SIM_PREFIX, SimRunner, parse_sim
+
+        if config.model.startswith(SIM_PREFIX):
+            return cls(SimRunner(*parse_sim(config.model)), config, **kwargs)
+        from .loader import load_pipeline  # diffusers: only for a real model
 
         loaded = load_pipeline(config)
         runner = ModelRunner(
@@ -192,7 +197,8 @@ class EngineCore:
                 max_pixels=self.config.max_input_pixels,
                 min_side=self.config.min_input_side,
             )
-            padded = codecs.pad_to_multiple(codecs.image_to_array(image), 32, min_size=64)
+            array = codecs.image_to_array(image)
+            padded = codecs.pad_to_multiple(array, codecs.PAD_MULTIPLE, min_size=codecs.PAD_MIN)
             prepared = PreparedInput(padded, image.height, image.width, image.alpha)
         except codecs.ImageError as exc:
             self._finish(request, EngineError(request.request_id, exc.code, str(exc)))

@@ -1,4 +1,4 @@
-"""``latent-upscaler serve`` (also ``python -m gateway serve``): the command line.
+"""``latent-upscaler serve | gateway | worker`` (also ``python -m gateway …``): the command line.
 
 Every flag has an environment variable, ``LATENT_UPSCALER_<FLAG>`` (upper case,
 dashes as underscores); a flag on the command line wins over the variable.
@@ -11,11 +11,12 @@ import asyncio
 import logging
 import os
 import signal
+import socket
 import sys
 
 from engine.config import DEFAULT_MODEL, VAE_OVERLAP, EngineConfig
 
-from .config import GatewayConfig
+from .config import ClusterConfig, GatewayConfig
 
 ENV_PREFIX = "LATENT_UPSCALER_"
 BATCHING = ("continuous", "static")
@@ -55,27 +56,97 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     s = sub.add_parser(
         "serve",
-        help="serve the WebSocket API",
+        help="serve the WebSocket API: one process, the engine inside",
         description="Serve the Runware-compatible WebSocket API (ws://HOST:PORT/v1) and its HTTP endpoints "
-        "(/images/…, /healthz, /readyz) on one port. Each flag has an environment variable.",
+        "(/images/…, /healthz, /readyz) on one port, with the engine in this process. Each flag has an "
+        "environment variable.",
     )
-    g = s.add_argument_group("model")
-    _flag(g, "--model", default=DEFAULT_MODEL, help="hub id, local folder, or 'tiny' (offline test model)")
+    for add in (_model_flags, _network_flags, _auth_flags, _batching_flags, _limit_flags, _time_flags):
+        add(s)
+    _outbound_flags(s)
+    g = sub.add_parser(
+        "gateway",
+        help="cluster: a front end (sockets, HTTP) on Redis; loads no model",
+        description="A cluster gateway: the same WebSocket API and HTTP endpoints as `serve`, with tasks "
+        "queued on Redis for `latent-upscaler worker` processes and sessions that any gateway can resume. "
+        "Loads no model. Each flag has an environment variable.",
+    )
+    _cluster_flags(g)
+    for add in (_network_flags, _auth_flags, _limit_flags, _time_flags):
+        add(g)
+    group = g.add_argument_group("model names")
+    _flag(
+        group,
+        "--model",
+        default=DEFAULT_MODEL,
+        help="the model the workers serve (accepted as a task's `model`, with runware:502@1)",
+    )
+    _model_alias_flag(group)
+    _outbound_flags(g)
+    w = sub.add_parser(
+        "worker",
+        help="cluster: one engine pulling work from Redis",
+        description="A cluster worker: one engine with every model and batching flag of `serve`, pulling "
+        "work from Redis by its free capacity. Each flag has an environment variable.",
+    )
+    _cluster_flags(w)
+    group = w.add_argument_group("worker")
+    _flag(group, "--worker-id", help="this worker's name in the cluster; default host name + pid")
+    _flag(
+        group,
+        "--http-port",
+        type=int,
+        help="serve /healthz, /readyz and /stats (JSON) on this port, for an orchestrator; default none",
+    )
+    _flag(group, "--host", default="127.0.0.1", help="address the --http-port listens on")
+    for add in (_model_flags, _batching_flags):
+        add(w)
+    group = w.add_argument_group("limits")
+    _flag(group, "--max-steps", type=int, default=100, help="largest settings.steps")
+    _flag(group, "--max-input-pixels", type=int, default=2048 * 2048, help="largest input image, in pixels")
+    group = w.add_argument_group("timeouts and retention")
+    _flag(group, "--output-ttl", type=float, default=3600.0, help="default lifetime of stored images, seconds")
+    _flag(group, "--record-ttl", type=float, default=3600.0, help="seconds getResponse remembers a finished task")
+    _flag(group, "--session-ttl", type=float, default=120.0, help="seconds undelivered results wait for a resume")
+    _flag(group, "--shutdown-grace", type=float, default=30.0, help="seconds held tasks get on SIGTERM")
+    _outbound_flags(w)
+    return parser
+
+
+def _model_flags(parser) -> None:
+    g = parser.add_argument_group("model")
+    _flag(
+        g,
+        "--model",
+        default=DEFAULT_MODEL,
+        help="hub id, local folder, 'tiny' (offline test model), or sim:FIXED_MS,PER_ROW_MS (a SIMULATED "
+        "model for benchmarks: UNet calls sleep, outputs are resized inputs)",
+    )
     _flag(g, "--revision", help="hub revision (the default model is pinned to one with safetensors)")
     _flag(g, "--device", help="torch device, e.g. cuda, cuda:1, cpu; default CUDA when present")
     _flag(g, "--dtype", help="fp32, fp16 or bf16; default fp16 on CUDA, fp32 on CPU")
+    _model_alias_flag(g)
+
+
+def _model_alias_flag(group) -> None:
     _flag(
-        g,
+        group,
         "--model-alias",
         help="extra accepted `model` value (repeatable; env: comma-separated)",
         action="append",
     )
-    g = s.add_argument_group("network")
+
+
+def _network_flags(parser) -> None:
+    g = parser.add_argument_group("network")
     _flag(g, "--host", default="127.0.0.1", help="address to listen on")
     _flag(g, "--port", type=int, default=8787, help="port for WebSocket and HTTP")
     _flag(g, "--public-url", help="base URL of imageURL links, e.g. https://upscale.example.com")
     _flag(g, "--permessage-deflate", type=bool, default=False, help="offer WebSocket compression")
-    g = s.add_argument_group("authentication")
+
+
+def _auth_flags(parser) -> None:
+    g = parser.add_argument_group("authentication")
     _flag(
         g,
         "--api-key",
@@ -84,7 +155,10 @@ def build_parser() -> argparse.ArgumentParser:
         env="LATENT_UPSCALER_API_KEYS",
         action="append",
     )
-    g = s.add_argument_group("batching")
+
+
+def _batching_flags(parser) -> None:
+    g = parser.add_argument_group("batching")
     _flag(g, "--max-batch-rows", type=int, default=16, help="UNet rows per call (a CFG task takes two)")
     _flag(
         g,
@@ -124,7 +198,10 @@ def build_parser() -> argparse.ArgumentParser:
         default=1024,
         help="tasks admitted to the engine; beyond: rateLimitExceeded",
     )
-    g = s.add_argument_group("limits")
+
+
+def _limit_flags(parser) -> None:
+    g = parser.add_argument_group("limits")
     _flag(g, "--max-frame-bytes", type=int, default=32 * 2**20, help="largest client frame")
     _flag(g, "--max-tasks-per-frame", type=int, default=256, help="tasks in one frame")
     _flag(g, "--max-in-flight-per-connection", type=int, default=64, help="unfinished tasks per connection")
@@ -132,19 +209,25 @@ def build_parser() -> argparse.ArgumentParser:
     _flag(g, "--max-steps", type=int, default=100, help="largest settings.steps")
     _flag(g, "--max-input-pixels", type=int, default=2048 * 2048, help="largest input image, in pixels")
     _flag(g, "--max-input-bytes", type=int, default=32 * 2**20, help="largest input image, in bytes")
-    g = s.add_argument_group("timeouts and retention")
+
+
+def _time_flags(parser) -> None:
+    g = parser.add_argument_group("timeouts and retention")
     _flag(g, "--idle-timeout", type=float, default=120.0, help="close a socket silent this many seconds")
     _flag(g, "--session-ttl", type=float, default=120.0, help="seconds undelivered results wait for a resume")
     _flag(g, "--output-ttl", type=float, default=3600.0, help="default lifetime of stored images, seconds")
     _flag(g, "--record-ttl", type=float, default=3600.0, help="seconds getResponse remembers a finished task")
     _flag(g, "--shutdown-grace", type=float, default=30.0, help="seconds in-flight tasks get on SIGTERM")
-    g = s.add_argument_group("outbound HTTP")
+
+
+def _outbound_flags(parser) -> None:
+    g = parser.add_argument_group("outbound HTTP")
     _flag(
         g,
         "--allow-private-networks",
         type=bool,
         default=False,
-        help="allow image URLs/webhooks to private hosts",
+        help="allow image URLs/webhooks/upload endpoints on private hosts",
     )
     _flag(g, "--price-per-gpu-hour", type=float, default=2.0, help="basis of `cost` (includeCost)")
     _flag(
@@ -155,78 +238,148 @@ def build_parser() -> argparse.ArgumentParser:
         choices=LOG_LEVELS,
         help="DEBUG, INFO, WARNING or ERROR",
     )
-    return parser
+
+
+def _cluster_flags(parser) -> None:
+    g = parser.add_argument_group("cluster")
+    _flag(
+        g,
+        "--redis-url",
+        required="LATENT_UPSCALER_REDIS_URL" not in os.environ,
+        help="the cluster's Redis (7.0 or newer, or Valkey), e.g. redis://HOST:6379/0 "
+        "(a password goes in the URL: redis://:PASSWORD@HOST:6379/0)",
+    )
+    _flag(
+        g,
+        "--claim-timeout",
+        type=float,
+        default=15.0,
+        help="seconds of silence after which a worker's tasks go to another worker",
+    )
+    _flag(
+        g,
+        "--max-deliveries",
+        type=int,
+        default=3,
+        help="deliveries of one task (its workers died or stalled each time) before it ends with an error",
+    )
+    _flag(
+        g,
+        "--max-queued",
+        type=int,
+        default=10_000,
+        help="unfinished tasks queued in the whole cluster before new ones get rateLimitExceeded",
+    )
+
+
+# Flags → config fields. A role has a subset of the flags; what it lacks keeps the
+# config's default.
+_ENGINE_FIELDS = {
+    "model": "model",
+    "revision": "revision",
+    "device": "device",
+    "dtype": "dtype",
+    "max_batch_rows": "max_batch_rows",
+    "batching": "mode",
+    "group_policy": "group_policy",
+    "torch_threads": "torch_threads",
+    "vae_overlap": "vae_overlap",
+    "engine_queue": "max_queue",
+    "max_input_pixels": "max_input_pixels",
+    "max_steps": "max_steps",
+}
+_GATEWAY_FIELDS = (
+    "host",
+    "port",
+    "public_url",
+    "permessage_deflate",
+    "max_frame_bytes",
+    "max_tasks_per_frame",
+    "max_in_flight_per_connection",
+    "max_in_flight_per_key",
+    "max_steps",
+    "max_input_bytes",
+    "idle_timeout",
+    "session_ttl",
+    "output_ttl",
+    "record_ttl",
+    "shutdown_grace",
+    "allow_private_networks",
+    "price_per_gpu_hour",
+)
+_CHOICES = {"batching": BATCHING, "group_policy": GROUP_POLICIES, "vae_overlap": VAE_OVERLAP}
 
 
 def config_from_args(args: argparse.Namespace) -> GatewayConfig:
     # argparse checks `choices` only on the command line, not on defaults read from the
     # environment: check those here (a ValueError is a clear one-line error in main()).
-    if args.batching not in BATCHING:
-        raise ValueError(f"--batching (LATENT_UPSCALER_BATCHING) must be one of {', '.join(BATCHING)}")
-    if args.group_policy not in GROUP_POLICIES:
-        raise ValueError(
-            f"--group-policy (LATENT_UPSCALER_GROUP_POLICY) must be one of {', '.join(GROUP_POLICIES)}"
-        )
-    if args.vae_overlap not in VAE_OVERLAP:
-        raise ValueError(
-            f"--vae-overlap (LATENT_UPSCALER_VAE_OVERLAP) must be one of {', '.join(VAE_OVERLAP)}"
-        )
-    if args.torch_threads is not None and args.torch_threads < 1:
+    for name, choices in _CHOICES.items():
+        if hasattr(args, name) and getattr(args, name) not in choices:
+            flag = "--" + name.replace("_", "-")
+            raise ValueError(f"{flag} ({_env_name(flag)}) must be one of {', '.join(choices)}")
+    if getattr(args, "torch_threads", None) is not None and args.torch_threads < 1:
         raise ValueError("--torch-threads (LATENT_UPSCALER_TORCH_THREADS) must be at least 1")
-    keys = list(args.api_key or [])
-    aliases = list(args.model_alias or [])
-    engine = EngineConfig(
-        model=args.model,
-        revision=args.revision,
-        device=args.device,
-        dtype=args.dtype,
-        max_batch_rows=args.max_batch_rows,
-        mode=args.batching,
-        group_policy=args.group_policy,
-        torch_threads=args.torch_threads,
-        vae_overlap=args.vae_overlap,
-        max_queue=args.engine_queue,
-        max_input_pixels=args.max_input_pixels,
-        max_steps=args.max_steps,
-    )
+    engine = EngineConfig(**{field: getattr(args, flag) for flag, field in _ENGINE_FIELDS.items() if hasattr(args, flag)})
     return GatewayConfig(
-        host=args.host,
-        port=args.port,
-        public_url=args.public_url,
-        permessage_deflate=args.permessage_deflate,
-        api_keys=tuple(keys),
-        model_aliases=tuple(aliases),
-        max_frame_bytes=args.max_frame_bytes,
-        max_tasks_per_frame=args.max_tasks_per_frame,
-        max_in_flight_per_connection=args.max_in_flight_per_connection,
-        max_in_flight_per_key=args.max_in_flight_per_key,
-        max_steps=args.max_steps,
-        max_input_bytes=args.max_input_bytes,
-        idle_timeout=args.idle_timeout,
-        session_ttl=args.session_ttl,
-        output_ttl=args.output_ttl,
-        record_ttl=args.record_ttl,
-        shutdown_grace=args.shutdown_grace,
-        allow_private_networks=args.allow_private_networks,
-        price_per_gpu_hour=args.price_per_gpu_hour,
+        **{name: getattr(args, name) for name in _GATEWAY_FIELDS if hasattr(args, name)},
+        api_keys=tuple(getattr(args, "api_key", None) or ()),
+        model_aliases=tuple(getattr(args, "model_alias", None) or ()),
         engine=engine,
     )
 
 
-async def serve_until_signalled(config: GatewayConfig) -> None:
-    from .server import GatewayServer
+def cluster_from_args(args: argparse.Namespace) -> ClusterConfig:
+    if args.claim_timeout <= 0 or args.max_deliveries < 1 or args.max_queued < 0:
+        raise ValueError(
+            "--claim-timeout must be positive, --max-deliveries at least 1 and --max-queued at least 0"
+        )
+    member_id = getattr(args, "worker_id", None) or f"{socket.gethostname()}-{os.getpid()}"
+    if args.command == "gateway":
+        member_id = f"gateway-{member_id}"
+    return ClusterConfig(
+        redis_url=args.redis_url,
+        member_id=member_id,
+        claim_timeout=args.claim_timeout,
+        max_deliveries=args.max_deliveries,
+        max_queued=args.max_queued,
+    )
 
-    server = GatewayServer(config)
-    await server.start()
+
+async def run_until_signalled(role) -> None:
+    """Run ``role(stop)`` until SIGTERM or SIGINT sets ``stop``."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    await role(stop)
+
+
+async def serve_until_signalled(config: GatewayConfig, stop: asyncio.Event) -> None:
+    from .server import GatewayServer
+
+    server = GatewayServer(config)
+    await server.start()
     await stop.wait()
     logging.getLogger("gateway").info(
         "shutting down: finishing in-flight tasks (grace %.0f s)", config.shutdown_grace
     )
     await server.close()
+
+
+def _role(args: argparse.Namespace, config: GatewayConfig):
+    """The coroutine function that runs the chosen command until ``stop`` is set."""
+    if args.command == "serve":
+
+        async def serve(stop: asyncio.Event) -> None:
+            await serve_until_signalled(config, stop)
+
+        return serve
+    from .cluster import roles
+
+    cluster = cluster_from_args(args)
+    if args.command == "gateway":
+        return lambda stop: roles.run_gateway(config, cluster, stop)
+    return lambda stop: roles.run_worker(config, cluster, stop, http_port=args.http_port)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -240,7 +393,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         config = config_from_args(args)
-        asyncio.run(serve_until_signalled(config))
+        asyncio.run(run_until_signalled(_role(args, config)))
     except ModelLoadError as exc:
         print(f"latent-upscaler: {exc}", file=sys.stderr)
         return 2

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 from engine.config import EngineConfig
 
-__all__ = ["GatewayConfig", "is_loopback"]
+__all__ = ["ClusterConfig", "GatewayConfig", "is_loopback"]
 
 RUNWARE_MODEL_ID = "runware:502@1"
 
@@ -65,6 +65,17 @@ class GatewayConfig:
     @property
     def accepted_models(self) -> set[str]:
         return {RUNWARE_MODEL_ID, self.engine.model, *self.model_aliases}
+
+
+@dataclass
+class ClusterConfig:
+    """A cluster role's settings (``latent-upscaler gateway`` / ``worker``)."""
+
+    redis_url: str
+    member_id: str  # this gateway's or worker's name: its consumer name and channel
+    claim_timeout: float = 15.0  # seconds of silence before a worker's tasks go to another
+    max_deliveries: int = 3  # deliveries of one task before it ends with an error
+    max_queued: int = 10_000  # unfinished queued tasks, cluster-wide, before rateLimitExceeded
 
 
 def is_loopback(host: str) -> bool:

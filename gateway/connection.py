@@ -245,7 +245,7 @@ class Connection:
         if self.session is not None:
             for frame in [*self._soon, *self._sending, *self._queue]:
                 if frame is not _PONG:  # a pong is for this socket only
-                    self.gateway.sessions.keep(self.session, frame)
+                    self.gateway.state.keep(self.session, frame)
         self._soon, self._soon_bytes = [], 0
         self._sending = []
         self._queue.clear()
@@ -264,7 +264,7 @@ class Connection:
             while not self._closed:
                 message = await self.ws.recv()
                 self._last_frame_at = loop.time()
-                self.handle(message)
+                await self.handle(message)
         except ConnectionClosed:
             pass
         finally:
@@ -273,7 +273,7 @@ class Connection:
             writer.cancel()
             self._return_unsent()
             if self.session is not None:
-                self.gateway.detach(self.session, self)
+                await self.gateway.state.detach(self.session, self)
 
     def _check_idle(self) -> None:
         loop = asyncio.get_running_loop()
@@ -284,7 +284,7 @@ class Connection:
             # recv() then raises ConnectionClosed and run() ends as for any other close.
             self.gateway.spawn(self.ws.close(1000, "idle timeout"))
 
-    def handle(self, message: str | bytes) -> None:
+    async def handle(self, message: str | bytes) -> None:
         """Answer one frame: each task on its own, in order."""
         parsed = parse_frame(message, max_tasks=self.config.max_tasks_per_frame)
         if isinstance(parsed, TaskError):
@@ -292,7 +292,7 @@ class Connection:
             return
         for task in parsed:
             try:
-                self._dispatch(task)
+                await self._dispatch(task)
             except Exception:
                 logger.exception("handling a task failed")
                 task_type = getattr(task, "taskType", None)
@@ -300,13 +300,13 @@ class Connection:
             if self._closed:
                 return
 
-    def _dispatch(self, task) -> None:
+    async def _dispatch(self, task) -> None:
         if isinstance(task, TaskError):
             self.send(error_frame(task))
         elif isinstance(task, Ping):
             self.send(_PONG, urgent=True)
         elif isinstance(task, Authentication):
-            self._authenticate(task)
+            await self._authenticate(task)
         elif self.session is None:
             task_type = task.taskType
             self.send(
@@ -320,15 +320,15 @@ class Connection:
                 )
             )
         elif isinstance(task, Upscale):
-            self.gateway.submit_upscale(self, task)
+            await self.gateway.submit_upscale(self, task)
         elif isinstance(task, ImageUpload):
             self.gateway.submit_upload(self, task)
         elif isinstance(task, GetResponse):
-            self.gateway.get_response(self, task)
+            await self.gateway.get_response(self, task)
 
     # Authentication
 
-    def _authenticate(self, task: Authentication) -> None:
+    async def _authenticate(self, task: Authentication) -> None:
         if self.limiter.blocked(self.peer):
             self._refuse(
                 "rateLimitExceeded", "too many failed authentications from this address; wait a minute"
@@ -342,16 +342,16 @@ class Connection:
             self._fail_auth("invalidApiKey", "the API key is not valid")
             return
         if self.session is not None:
-            self.gateway.detach(self.session, self)
-        session, replay = self.gateway.sessions.open(task.apiKey, task.connectionSessionUUID)
+            await self.gateway.state.detach(self.session, self)
+            self.session = None
+        session, replay = await self.gateway.state.open(task.apiKey, task.connectionSessionUUID, self)
         self.session, self.api_key = session, task.apiKey
-        self.gateway.attach(session, self)
         self.send(data_frame({"taskType": "authentication", "connectionSessionUUID": session.session_id}))
         for frame in replay:
             if not self.replays_errors and frame.startswith(b'{"errors"'):
                 continue  # see _NO_ERROR_REPLAY_AGENTS; the task record keeps the error
             if not self.send(frame, replay=True):
-                self.gateway.sessions.keep(session, frame)
+                self.gateway.state.keep(session, frame)
 
     def _key_accepted(self, key: str) -> bool:
         keys = self.config.api_keys

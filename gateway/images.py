@@ -1,8 +1,9 @@
 """The image store: uploaded, input and generated images by UUID, each with a TTL.
 
-Behind a small interface (:class:`ImageStore`) so that a shared store can replace the
-in-memory one when the gateway runs on several machines. The in-memory store keeps
-within a byte budget by evicting expired entries first, then the oldest.
+Behind a small async interface (:class:`ImageStore`) so that a shared store (Redis, in a
+cluster: ``gateway.cluster.stores``) can replace the in-memory one. The in-memory store
+keeps within a byte budget by evicting expired entries first, then the oldest; its
+methods never wait, and it offers them as plain calls too (``put_now``/``get_now``).
 """
 
 from __future__ import annotations
@@ -44,19 +45,27 @@ class StoredImage(NamedTuple):  # immutable, and cheaper to build than a frozen 
 
 
 class ImageStore(abc.ABC):
+    #: ``expires_at`` of the images it returns is on this clock (``time.monotonic``
+    #: for the in-memory store; wall-clock ``time.time`` for shared stores).
+    clock: Callable[[], float]
+
     @abc.abstractmethod
-    def put(self, data: bytes, media_type: str, ttl: float, image_uuid: str | None = None) -> StoredImage:
+    async def put(self, data: bytes, media_type: str, ttl: float, image_uuid: str | None = None) -> StoredImage:
         """Store ``data`` for ``ttl`` seconds under a new (or the given) UUID."""
 
     @abc.abstractmethod
-    def get(self, image_uuid: str) -> StoredImage | None:
+    async def get(self, image_uuid: str) -> StoredImage | None:
         """The image, or None if unknown or expired."""
+
+    async def close(self) -> None:
+        """Release connections (nothing to do for the in-memory store)."""
+        return None
 
 
 class MemoryImageStore(ImageStore):
     def __init__(self, max_bytes: int = 2 * 2**30, clock: Callable[[], float] = time.monotonic) -> None:
         self.max_bytes = max_bytes
-        self._clock = clock
+        self.clock = self._clock = clock
         self._images: OrderedDict[str, StoredImage] = OrderedDict()  # insertion order = age
         # (expires_at, uuid) of every put, soonest first: expiry never scans the whole store.
         # Entries whose image has gone (or was replaced) are skipped when they surface.
@@ -64,7 +73,13 @@ class MemoryImageStore(ImageStore):
         self.bytes = 0
         self._swept = clock()
 
-    def put(self, data: bytes, media_type: str, ttl: float, image_uuid: str | None = None) -> StoredImage:
+    async def put(self, data: bytes, media_type: str, ttl: float, image_uuid: str | None = None) -> StoredImage:
+        return self.put_now(data, media_type, ttl, image_uuid)
+
+    async def get(self, image_uuid: str) -> StoredImage | None:
+        return self.get_now(image_uuid)
+
+    def put_now(self, data: bytes, media_type: str, ttl: float, image_uuid: str | None = None) -> StoredImage:
         image = StoredImage(image_uuid or new_uuid(), data, media_type, self._clock() + ttl)
         self._drop(image.image_uuid)
         self._images[image.image_uuid] = image
@@ -73,7 +88,7 @@ class MemoryImageStore(ImageStore):
         self._evict()
         return image
 
-    def get(self, image_uuid: str) -> StoredImage | None:
+    def get_now(self, image_uuid: str) -> StoredImage | None:
         image = self._images.get(image_uuid)
         if image is None:
             return None

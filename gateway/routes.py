@@ -86,7 +86,7 @@ class Routes:
         if path == "/readyz":
             return text(200, "ready") if self.gateway.ready else text(503, "not ready")
         if path.startswith("/images/"):
-            return self._image(path.removeprefix("/images/"))
+            return await self._image(path.removeprefix("/images/"))
         if path == "/stats":
             return self._stats()
         if path == "/":
@@ -99,12 +99,13 @@ class Routes:
             return self.playground.get(path.removeprefix("/playground/"))
         return None
 
-    def _image(self, name: str) -> HttpResponse:
+    async def _image(self, name: str) -> HttpResponse:
         image_uuid = name.rsplit(".", 1)[0]
-        stored = self.gateway.store.get(image_uuid)
+        store = self.gateway.store
+        stored = await store.get(image_uuid)
         if stored is None:
             return text(404, "image not found or expired")
-        max_age = max(0, math.floor(stored.expires_at - self.gateway.clock()))
+        max_age = max(0, math.floor(stored.expires_at - store.clock()))
         return HttpResponse(200, stored.data, stored.media_type, cache=f"public, max-age={max_age}, immutable")
 
     def _stats(self) -> HttpResponse:

@@ -14,7 +14,7 @@ import asyncio
 import gc
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.datastructures import Headers
@@ -26,7 +26,9 @@ from .config import GatewayConfig, is_loopback
 from .connection import AuthLimiter, Connection
 from .delivery import Gateway
 from .http import Outbound
+from .images import ImageStore
 from .routes import HttpResponse, Routes, text
+from .state import GatewayState
 
 __all__ = ["GatewayServer"]
 
@@ -45,6 +47,8 @@ class GatewayServer:
         *,
         clock: Callable[[], float] = time.monotonic,
         outbound: Outbound | None = None,
+        store: ImageStore | None = None,
+        state: GatewayState | None = None,
     ) -> None:
         if not config.api_keys and not is_loopback(config.host):
             raise ValueError(
@@ -53,7 +57,12 @@ class GatewayServer:
             )
         self.config = config
         self.gateway = Gateway(
-            config, engine or InprocEngineClient(config.engine), clock=clock, outbound=outbound
+            config,
+            engine or InprocEngineClient(config.engine),
+            clock=clock,
+            outbound=outbound,
+            store=store,
+            state=state,
         )
         self.limiter = AuthLimiter(config.auth_failures_per_minute, clock)
         self.routes = Routes(self.gateway, open_connections=lambda: len(self.connections))
@@ -143,4 +152,27 @@ class GatewayServer:
 
 
 def _response(answer: HttpResponse) -> Response:
-    return Response(answer.status, answer.reason, Headers(answer.header_list()), answer.body)
+    # websockets closes the connection after a plain-HTTP answer: say so, or a client
+    # that keeps connections alive sends its next request into a closing socket.
+    headers = Headers([*answer.header_list(), ("Connection", "close")])
+    return Response(answer.status, answer.reason, headers, answer.body)
+
+
+async def serve_http_only(
+    get: Callable[[str], Awaitable[HttpResponse | None]], host: str, port: int
+) -> Server:
+    """A plain-HTTP ``GET`` server (no WebSocket), on websockets' HTTP/1.1 handling:
+    what a cluster worker's ``--http-port`` answers (``/healthz``, ``/readyz``, …)."""
+
+    async def answer(ws: ServerConnection, request: Request) -> Response:
+        found = await get(request.path.split("?", 1)[0])
+        return _response(found or text(404, "not found"))
+
+    async def never(ws: ServerConnection) -> None:  # every request is answered above
+        return None
+
+    quiet = logging.getLogger("gateway.http")  # not a line per health probe
+    quiet.setLevel(max(logging.WARNING, quiet.getEffectiveLevel()))
+    return await serve(
+        never, host, port, process_request=answer, server_header="latent-upscale-gateway", logger=quiet
+    )

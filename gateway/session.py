@@ -9,8 +9,9 @@ A session is what a client resumes with ``connectionSessionUUID``::
 Results for a detached session wait in its replay buffer. A session belongs to the API
 key that opened it: resuming it with another key gets a fresh session.
 
-Task records remember every ``taskUUID`` per API key while it runs and for
-``record_ttl`` after (``getResponse``, ``conflictTaskUUID``).
+Task records remember every ``taskUUID`` while it runs and for ``record_ttl`` after:
+a known ``taskUUID`` is refused (``conflictTaskUUID``), whichever API key sends it, and
+``getResponse`` answers only the key that sent the task.
 """
 
 from __future__ import annotations
@@ -70,8 +71,8 @@ class SessionStore:
         self.max_replay = max_replay
         self.clock = clock
         self._sessions: dict[str, Session] = {}
-        self._records: dict[tuple[str, str], TaskRecord] = {}
-        self._finished: OrderedDict[tuple[str, str], TaskRecord] = OrderedDict()  # in finishing order
+        self._records: dict[str, TaskRecord] = {}  # by taskUUID
+        self._finished: OrderedDict[str, TaskRecord] = OrderedDict()  # in finishing order
         self._running: dict[str, int] = {}  # API key → unfinished tasks
         self._expired_at = float("-inf")
 
@@ -132,10 +133,9 @@ class SessionStore:
     def register(
         self, api_key: str, session: Session, task_uuid: str, task_type: str, deliver_async: bool
     ) -> TaskRecord:
-        """A new task; raises ``conflictTaskUUID`` if this key's ``task_uuid`` is known."""
+        """A new task; raises ``conflictTaskUUID`` if ``task_uuid`` is known."""
         self.expire()
-        key = (api_key, task_uuid)
-        if key in self._records:
+        if task_uuid in self._records:
             raise TaskError(
                 "conflictTaskUUID",
                 "a task with this taskUUID is already known; use a new UUID, or getResponse to read its result",
@@ -143,7 +143,7 @@ class SessionStore:
                 type="string",
             )
         record = TaskRecord(task_uuid, task_type, api_key, session, deliver_async)
-        self._records[key] = record
+        self._records[task_uuid] = record
         self._running[api_key] = self._running.get(api_key, 0) + 1
         self._bound_records()
         return record
@@ -158,13 +158,15 @@ class SessionStore:
         self._running[record.api_key] -= 1
         if not self._running[record.api_key]:
             del self._running[record.api_key]
-        self._finished[(record.api_key, record.task_uuid)] = record
+        self._finished[record.task_uuid] = record
         self._bound_records()
         return True
 
     def lookup(self, api_key: str, task_uuid: str) -> TaskRecord | None:
+        """``api_key``'s task ``task_uuid``; None for another key's (as for an unknown one)."""
         self.expire()
-        return self._records.get((api_key, task_uuid))
+        record = self._records.get(task_uuid)
+        return record if record is not None and record.api_key == api_key else None
 
     def running(self, api_key: str) -> int:
         return self._running.get(api_key, 0)

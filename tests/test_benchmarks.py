@@ -4,6 +4,7 @@ No timing is asserted: timing belongs in benchmarks/, not in tests."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -45,6 +46,24 @@ def test_gateway_overhead_smoke(tmp_path):
     out = tmp_path / "overhead.json"
     report = run_smoke("gateway_overhead.py", out, timeout=300)
     assert report["all_exactly_once"] and report["throughput_ratio"] > 0
+
+
+@pytest.mark.cluster
+def test_cluster_scaling_smoke(tmp_path):
+    from tests.cluster_harness import INSTALL_HINT, REDIS_SERVER
+
+    if REDIS_SERVER is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"redis-server is missing in CI; {INSTALL_HINT}")
+        pytest.skip(f"redis-server is not installed; {INSTALL_HINT}")
+    out = tmp_path / "cluster.json"
+    report = run_smoke("cluster_scaling.py", out, timeout=600)
+    assert [row["workers"] for row in report["scaling"]] == [1, 2]
+    assert all(row["unanswered"] == row["answered_more_than_once"] == 0 for row in report["scaling"])
+    assert report["latency"]["exactly_once"]
+    chaos = report["chaos"]["chaos"]
+    assert chaos["killed"] and chaos["unanswered"] == chaos["answered_more_than_once"] == 0
+    assert "SIMULATED" in report["note"] and out.with_suffix(".png").stat().st_size > 0
 
 
 def test_scheduler_sim_smoke(tmp_path):

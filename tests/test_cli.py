@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from gateway.__main__ import build_parser, config_from_args
 
 
@@ -36,12 +38,43 @@ def test_environment_and_flags(monkeypatch):
 
 def test_help_names_every_variable(capsys):
     parser = build_parser()
-    sub = parser._subparsers._group_actions[0].choices["serve"]
-    text = sub.format_help()
-    for action in sub._actions:
-        if action.option_strings and action.dest != "help":
-            assert "LATENT_UPSCALER_" in (action.help or ""), action.dest
-    assert "LATENT_UPSCALER_API_KEYS" in text
+    for command in ("serve", "gateway", "worker"):
+        sub = parser._subparsers._group_actions[0].choices[command]
+        text = sub.format_help()
+        for action in sub._actions:
+            if action.option_strings and action.dest != "help":
+                assert "LATENT_UPSCALER_" in (action.help or ""), (command, action.dest)
+        assert "LATENT_UPSCALER_" in text
+
+
+def test_cluster_roles_take_the_flags_of_their_part(monkeypatch):
+    from gateway.__main__ import cluster_from_args
+
+    monkeypatch.setenv("LATENT_UPSCALER_REDIS_URL", "redis://127.0.0.1:7000/2")
+    args = build_parser().parse_args(["worker", "--model", "tiny", "--max-batch-rows", "8", "--worker-id", "w7"])
+    config, cluster = config_from_args(args), cluster_from_args(args)
+    assert (config.engine.model, config.engine.max_batch_rows) == ("tiny", 8)
+    assert (cluster.redis_url, cluster.member_id, cluster.claim_timeout, cluster.max_deliveries) == (
+        "redis://127.0.0.1:7000/2",
+        "w7",
+        15.0,
+        3,
+    )
+    args = build_parser().parse_args(["gateway", "--port", "9001", "--max-queued", "5", "--claim-timeout", "4"])
+    config, cluster = config_from_args(args), cluster_from_args(args)
+    assert config.port == 9001 and (cluster.max_queued, cluster.claim_timeout) == (5, 4.0)
+    assert cluster.member_id.startswith("gateway-")
+    with pytest.raises(ValueError, match="--claim-timeout"):
+        cluster_from_args(build_parser().parse_args(["gateway", "--claim-timeout", "0"]))
+
+
+def test_a_simulated_model_must_be_spelled_out():
+    from engine.sim import parse_sim
+
+    assert parse_sim("sim:40,2.5") == (40.0, 2.5)
+    for bad in ("sim:", "sim:40", "sim:a,b", "sim:-1,2"):
+        with pytest.raises(ValueError, match="sim:"):
+            parse_sim(bad)
 
 
 def test_engine_scheduling_flags(monkeypatch):
@@ -57,8 +90,6 @@ def test_engine_scheduling_flags(monkeypatch):
 
 
 def test_bad_engine_scheduling_values_are_refused(monkeypatch):
-    import pytest
-
     with pytest.raises(ValueError, match="LATENT_UPSCALER_GROUP_POLICY"):
         parse([], monkeypatch, LATENT_UPSCALER_GROUP_POLICY="fastest")
     monkeypatch.delenv("LATENT_UPSCALER_GROUP_POLICY")

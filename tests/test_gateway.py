@@ -235,8 +235,8 @@ async def test_uploads_count_toward_the_in_flight_limit():
         upload["taskUUID"] = str(uuid.uuid4())
         (answer,) = (await c.run([upload]))[upload["taskUUID"]]  # a finished upload frees its slot
         assert answer["imageUUID"]
-        assert server.gateway._attached and all(
-            conn.in_flight == 0 for conn in server.gateway._attached.values()
+        assert server.gateway.state._attached and all(
+            conn.in_flight == 0 for conn in server.gateway.state._attached.values()
         )
         assert not server.gateway._uploads
 
@@ -280,7 +280,7 @@ async def test_an_upload_that_fails_inside_the_gateway_is_still_answered(null_se
         )
         monkeypatch.undo()
         await assert_still_works(c)
-        assert all(conn.in_flight == 0 for conn in null_server.gateway._attached.values())
+        assert all(conn.in_flight == 0 for conn in null_server.gateway.state._attached.values())
 
 
 async def test_output_types_and_formats(null_server):
@@ -396,7 +396,7 @@ async def test_a_dropped_client_resumes_and_receives_missed_results_once():
             await c.send(tasks)
             await wait_until(lambda: len(engine.held) == 2)
         # The socket is gone while both tasks run; they finish into the session.
-        await wait_until(lambda: not server.gateway._attached)
+        await wait_until(lambda: not server.gateway.state._attached)
         engine.release(stop_holding=True)
         await wait_until(lambda: len(server.gateway.sessions._sessions[session].replay) == 2)
         async with client(server, key=None) as c:
@@ -419,7 +419,7 @@ async def hang_up_with_a_good_and_a_bad_task(server, engine, user_agent) -> tupl
         session = await c.auth("k1")
         await c.send([good, bad])
         await wait_until(lambda: len(engine.held) == 2)
-    await wait_until(lambda: not server.gateway._attached)
+    await wait_until(lambda: not server.gateway.state._attached)
     return session, good, bad
 
 
@@ -482,7 +482,7 @@ async def test_missed_results_are_gone_after_120_s_and_never_go_to_another_key()
             session = await c.auth("k1")
             await c.send([task])
             await wait_until(lambda: len(engine.held) == 1)
-        await wait_until(lambda: not server.gateway._attached)
+        await wait_until(lambda: not server.gateway.state._attached)
         engine.release(stop_holding=True)
         await wait_until(lambda: server.gateway.sessions.lookup("k1", task["taskUUID"]).finished)
         async with client(server, key=None) as c:  # another key: a fresh session, nothing replayed

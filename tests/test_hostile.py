@@ -133,10 +133,10 @@ async def test_a_client_that_stops_reading_is_dropped_and_its_results_kept():
             c.ws.transport.pause_reading()  # stop reading: results pile up on the server
             await c.send(tasks)
             for _ in range(500):
-                if not gateway._attached:
+                if not gateway.state._attached:
                     break
                 await asyncio.sleep(0.02)
-            assert not gateway._attached, "the slow reader was not dropped"
+            assert not gateway.state._attached, "the slow reader was not dropped"
         for _ in range(500):  # everything finishes, delivered or kept
             if all(gateway.sessions.lookup("reader", t["taskUUID"]).finished for t in tasks):
                 break

@@ -62,8 +62,11 @@ def test_task_records_conflict_finish_once_and_expire():
     with pytest.raises(TaskError) as err:
         store.register("k", session, "t1", "imageUpscale", False)
     assert err.value.code == "conflictTaskUUID"
-    store.register("other", session, "t1", "imageUpscale", False)  # another key: no conflict
-    assert store.running("k") == 1
+    with pytest.raises(TaskError) as err:  # taskUUIDs are unique across keys too
+        store.register("other", session, "t1", "imageUpscale", False)
+    assert err.value.code == "conflictTaskUUID"
+    assert store.lookup("other", "t1") is None  # and only their own key reads them
+    assert store.running("k") == 1 and store.running("other") == 0
     assert store.finish(record, item={"ok": 1}) and not store.finish(record, item={"ok": 2})
     assert store.running("k") == 0 and store.lookup("k", "t1").item == {"ok": 1}
     clock.advance(3601)
@@ -73,23 +76,23 @@ def test_task_records_conflict_finish_once_and_expire():
 def test_image_store_ttl_and_byte_budget():
     clock = FakeClock()
     store = MemoryImageStore(max_bytes=100, clock=clock)
-    a = store.put(b"a" * 40, "image/png", ttl=10)
-    b = store.put(b"b" * 40, "image/png", ttl=1000)
-    assert store.get(a.image_uuid).data == b"a" * 40
+    a = store.put_now(b"a" * 40, "image/png", ttl=10)
+    b = store.put_now(b"b" * 40, "image/png", ttl=1000)
+    assert store.get_now(a.image_uuid).data == b"a" * 40
     clock.advance(11)
-    c = store.put(b"c" * 40, "image/png", ttl=1000)  # over budget: the expired one goes first
-    assert store.get(a.image_uuid) is None and store.get(b.image_uuid) and store.get(c.image_uuid)
-    d = store.put(b"d" * 40, "image/png", ttl=1000)  # then the oldest
-    assert store.get(b.image_uuid) is None and store.get(d.image_uuid)
+    c = store.put_now(b"c" * 40, "image/png", ttl=1000)  # over budget: the expired one goes first
+    assert store.get_now(a.image_uuid) is None and store.get_now(b.image_uuid) and store.get_now(c.image_uuid)
+    d = store.put_now(b"d" * 40, "image/png", ttl=1000)  # then the oldest
+    assert store.get_now(b.image_uuid) is None and store.get_now(d.image_uuid)
     assert store.bytes <= 100
 
 
 def test_expired_images_are_swept_without_being_asked_for():
     clock = FakeClock()
     store = MemoryImageStore(max_bytes=10**9, clock=clock)
-    old = store.put(b"x" * 1000, "image/png", ttl=5)
+    old = store.put_now(b"x" * 1000, "image/png", ttl=5)
     clock.advance(6)
-    store.put(b"y", "image/png", ttl=5)
+    store.put_now(b"y", "image/png", ttl=5)
     assert old.image_uuid not in store._images and store.bytes == 1
 
 
@@ -164,9 +167,10 @@ def _connection(ws):
 
     from gateway.config import GatewayConfig
     from gateway.connection import AuthLimiter, Connection
+    from gateway.state import LocalState
 
     store = SessionStore()
-    gateway = SimpleNamespace(config=GatewayConfig(), sessions=store, spawn=lambda coro: coro.close())
+    gateway = SimpleNamespace(config=GatewayConfig(), state=LocalState(store), spawn=lambda coro: coro.close())
     connection = Connection(ws, gateway, AuthLimiter(10))
     connection.session, _ = store.open("k", None)
     return connection
@@ -183,7 +187,7 @@ async def test_a_pong_goes_ahead_of_queued_results():
     connection.send(b"r1")
     connection.send(b"r2")
     await ws.started.wait()  # r1 is being written
-    connection.handle('[{"taskType":"ping","ping":true}]')
+    await connection.handle('[{"taskType":"ping","ping":true}]')
     ws.gate.set()
     while len(ws.sent) < 3:
         await asyncio.sleep(0.01)
@@ -200,7 +204,7 @@ async def test_unsent_frames_go_back_to_the_session_in_order_without_pongs():
     connection.send(b"r1")
     connection.send(b"r2")
     await ws.started.wait()  # r1 left the queue but was never fully sent
-    connection.handle('[{"taskType":"ping","ping":true}]')
+    await connection.handle('[{"taskType":"ping","ping":true}]')
     writer.cancel()
     connection._return_unsent()
     assert list(connection.session.replay) == [b"r1", b"r2"]
@@ -209,12 +213,12 @@ async def test_unsent_frames_go_back_to_the_session_in_order_without_pongs():
 def test_image_expiry_follows_each_ttl_and_skips_replaced_entries():
     clock = FakeClock()
     store = MemoryImageStore(clock=clock)
-    long = store.put(b"l", "image/png", ttl=100)
-    short = store.put(b"s", "image/png", ttl=5)  # put later, expires first
-    renewed = store.put(b"r", "image/png", ttl=5)
-    store.put(b"r2", "image/png", ttl=100, image_uuid=renewed.image_uuid)  # replaced: new TTL
+    long = store.put_now(b"l", "image/png", ttl=100)
+    short = store.put_now(b"s", "image/png", ttl=5)  # put later, expires first
+    renewed = store.put_now(b"r", "image/png", ttl=5)
+    store.put_now(b"r2", "image/png", ttl=100, image_uuid=renewed.image_uuid)  # replaced: new TTL
     clock.advance(6)
-    store.put(b"x", "image/png", ttl=100)  # a put sweeps what has expired
+    store.put_now(b"x", "image/png", ttl=100)  # a put sweeps what has expired
     assert short.image_uuid not in store._images
-    assert store.get(long.image_uuid) and store.get(renewed.image_uuid).data == b"r2"
+    assert store.get_now(long.image_uuid) and store.get_now(renewed.image_uuid).data == b"r2"
     assert store.bytes == 4

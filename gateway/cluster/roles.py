@@ -1,0 +1,94 @@
+"""The two cluster roles, wired and run until a stop signal.
+
+- :func:`run_gateway`: the same :class:`~gateway.server.GatewayServer` as ``serve``,
+  with the Redis implementations of its engine client, state and image store, and a
+  webhook consumer. It loads no model.
+- :func:`run_worker`: one engine (the in-process one, as in ``serve``) fed by a
+  :class:`~gateway.cluster.worker.Worker`; ``--http-port`` serves ``/healthz``,
+  ``/readyz`` and ``/stats`` for an orchestrator.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import orjson
+
+from engine.client import InprocEngineClient
+
+from ..config import ClusterConfig, GatewayConfig
+from ..routes import HttpResponse, text
+from ..server import GatewayServer, serve_http_only
+from .images import RedisImageStore
+from .link import RedisLink
+from .queue import RedisEngineClient
+from .state import RedisState
+from .webhooks import WebhookQueue
+from .worker import Worker
+
+__all__ = ["run_gateway", "run_worker"]
+
+logger = logging.getLogger(__name__)
+
+
+def gateway_server(config: GatewayConfig, cluster: ClusterConfig, link: RedisLink) -> GatewayServer:
+    """A gateway on the cluster's Redis (not started)."""
+    state = RedisState(
+        link, member_id=cluster.member_id, session_ttl=config.session_ttl, record_ttl=config.record_ttl
+    )
+    engine = RedisEngineClient(
+        link, state, max_queued=cluster.max_queued, unavailable_after=cluster.claim_timeout
+    )
+    return GatewayServer(config, engine, store=RedisImageStore(link), state=state)
+
+
+async def run_gateway(config: GatewayConfig, cluster: ClusterConfig, stop: asyncio.Event) -> None:
+    link = RedisLink(cluster.redis_url, name=f"gateway:{cluster.member_id}")
+    server = gateway_server(config, cluster, link)
+    hooks = WebhookQueue(
+        link, server.gateway.post_webhook, consumer=cluster.member_id, claim_timeout=cluster.claim_timeout
+    )
+    await link.start()
+    await server.start()
+    await hooks.start()
+    logger.info("gateway %s on Redis %s", cluster.member_id, link.url.split("@")[-1])
+    try:
+        await stop.wait()
+        logger.info("shutting down: finishing in-flight tasks (grace %.0f s)", config.shutdown_grace)
+    finally:
+        await server.close()
+        await hooks.close()
+        await link.close()
+
+
+async def run_worker(
+    config: GatewayConfig, cluster: ClusterConfig, stop: asyncio.Event, *, http_port: int | None = None
+) -> None:
+    link = RedisLink(cluster.redis_url, name=f"worker:{cluster.member_id}")
+    worker = Worker(config, cluster, InprocEngineClient(config.engine), link)
+    await link.start()
+    await worker.start()
+    http = None
+    if http_port is not None:
+
+        async def get(path: str) -> HttpResponse | None:
+            if path == "/healthz":
+                return text(200, "ok")
+            if path == "/readyz":
+                return text(200, "ready") if worker.ready else text(503, "not ready")
+            if path == "/stats":
+                return HttpResponse(200, orjson.dumps(worker.stats()), "application/json")
+            return None
+
+        http = await serve_http_only(get, config.host, http_port)
+        logger.info("worker %s: health on http://%s:%d", cluster.member_id, config.host, http_port)
+    try:
+        await stop.wait()
+        logger.info("worker %s stopping (grace %.0f s)", cluster.member_id, config.shutdown_grace)
+    finally:
+        await worker.close(grace=config.shutdown_grace)
+        if http is not None:
+            http.close()
+            await http.wait_closed()
+        await link.close()

@@ -1,0 +1,278 @@
+"""The cluster's atomic steps, each one Lua script run by Redis (``EVALSHA``).
+
+Every step that reads and then writes, or writes several keys that must agree, is a
+script here, so no two processes can interleave inside it. Key names come from
+``keys.py``: the scripts receive the fixed prefixes they need as arguments and never
+spell a name of their own. Only commands of Redis 7.0 are used (no ``XACKDEL``, no
+``XREADGROUP … CLAIM``), and each script is safe to run again (a redelivered entry,
+a retried call after a failover).
+
+- :data:`REGISTER` — a new task record, or what is known of an existing one (a
+  conflict, or a retry the caller may attach to).
+- :data:`ENQUEUE` — global backpressure check, then the task's queue entry.
+- :data:`PULL` — a worker takes entries by capacity: first from the shapes it runs,
+  then, when it may take a new shape, from the one whose oldest entry waited longest.
+- :data:`START` — a worker begins a task: counts the delivery (a crash counts), and
+  says whether it is still to run, already done, or poisoned (past the limit).
+- :data:`REFRESH` — a worker's heartbeat on the entries it still owns (idle time reset
+  without counting a delivery); returns them, so it learns what was taken away.
+- :data:`FINISH` — exactly once: only the first terminal outcome of a task wins; it is
+  recorded, its entry acknowledged and deleted, its frame appended to its session's
+  outbox (the owning gateway is told), its webhook queued, its gateway told.
+- :data:`PROGRESS`, :data:`OPEN`, :data:`TAKE`, :data:`DETACH`, :data:`KEEP` — progress
+  and the session's outbox: open or resume, hand out new frames once, let go.
+"""
+
+from __future__ import annotations
+
+NAMES = ("REGISTER", "ENQUEUE", "PULL", "START", "REFRESH", "FINISH", "PROGRESS", "OPEN", "TAKE", "DETACH", "KEEP")
+
+# Shared Lua: append a frame to session SID's outbox if the session still exists, keep
+# the outbox as long as the session, and hint its owning gateway.
+_APPEND = """
+local function append(sess_prefix, out_prefix, suffix, gw_prefix, sid, frame, is_error, origin, task_uuid, maxlen)
+  local sk = sess_prefix .. sid .. suffix
+  local owner = redis.call('HGET', sk, 'owner')
+  if owner == false then return end  -- expired: nobody can resume it (the record keeps the answer)
+  local ok = out_prefix .. sid .. suffix
+  redis.call('XADD', ok, 'MAXLEN', '~', maxlen, '*', 'f', frame, 'e', is_error, 'o', origin, 't', task_uuid)
+  local ttl = redis.call('PTTL', sk)
+  if ttl > 0 then redis.call('PEXPIRE', ok, ttl) end
+  if owner ~= '' then redis.call('PUBLISH', gw_prefix .. owner, 'o ' .. sid) end
+end
+"""
+
+# Shared Lua: a worker begins a task (the START step, inlined where entries are taken).
+# The delivery is counted first, so a worker that dies on it has used one up. Returns
+# {verdict, context, session id, async, taskType, runs, input media type, input bytes};
+# verdict is run, poison (past max deliveries), done (answered already: drop the entry)
+# or gone (no record: Redis lost it). The input image comes along (one round trip).
+_BEGIN = """
+local function begin(task_key, max_deliveries, worker, image_prefix, suffix)
+  local f = redis.call('HMGET', task_key, 'status', 'ctx', 'sid', 'async', 'type')
+  if not f[1] then return {'gone'} end
+  if f[1] ~= 'processing' then return {'done'} end
+  local runs = redis.call('HINCRBY', task_key, 'runs', 1)
+  redis.call('HSET', task_key, 'worker', worker)
+  local verdict = 'run'
+  if runs > tonumber(max_deliveries) then verdict = 'poison' end
+  local media, data = '', ''
+  local ok, ctx = pcall(cjson.decode, f[2] or '')
+  if verdict == 'run' and ok and ctx['input'] then
+    local image = redis.call('HMGET', image_prefix .. ctx['input'] .. suffix, 't', 'd')
+    media, data = image[1] or '', image[2] or ''
+  end
+  return {verdict, f[2] or '', f[3] or '', f[4] or '0', f[5] or '', tostring(runs), media, data}
+end
+"""
+
+# KEYS: task. ARGV: key hash, session id, async (1/0), taskType, TTL ms, gateway id,
+# origin peer id, content fingerprint.
+REGISTER = """
+local known = redis.call('HMGET', KEYS[1], 'key', 'fp', 'status', 'async')
+if known[1] then return {1, known[1], known[2] or '', known[3] or '', known[4] or ''} end
+redis.call('HSET', KEYS[1], 'key', ARGV[1], 'sid', ARGV[2], 'async', ARGV[3], 'type', ARGV[4],
+  'status', 'processing', 'progress', '0', 'gw', ARGV[6], 'origin', ARGV[7], 'fp', ARGV[8], 'runs', '0')
+redis.call('PEXPIRE', KEYS[1], ARGV[5])
+return {0}
+"""
+
+# KEYS: task, shapes set, the shape's queue. ARGV: max queued (0: no bound), shape,
+# task uuid, rows, context, queue prefix, suffix.
+ENQUEUE = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 'lost' end
+local max = tonumber(ARGV[1])
+if max > 0 then
+  local total = 0
+  for _, shape in ipairs(redis.call('SMEMBERS', KEYS[2])) do
+    total = total + redis.call('XLEN', ARGV[6] .. shape .. ARGV[7])
+  end
+  if total >= max then return 'full' end
+end
+if redis.call('SADD', KEYS[2], ARGV[2]) == 1 or redis.call('EXISTS', KEYS[3]) == 0 then
+  redis.pcall('XGROUP', 'CREATE', KEYS[3], 'workers', '0', 'MKSTREAM')
+end
+local id = redis.call('XADD', KEYS[3], '*', 't', ARGV[3], 'r', ARGV[4])
+redis.call('HSET', KEYS[1], 'ctx', ARGV[5], 'entry', id, 'shape', ARGV[2])
+return id
+"""
+
+# KEYS: shapes set. ARGV: consumer, rows to take from a new shape (0: none), how long
+# (ms) the oldest entry of a new shape must have waited (0: any), queue prefix, suffix,
+# max deliveries, task prefix, image prefix, then pairs (shape, free rows) of the shapes
+# the worker runs. Entries are taken one at a time until their rows fill the free rows
+# (a two-row entry may exceed them by one), and each is begun at once (see _BEGIN).
+# Returns a list of {shape, entry id, task uuid, rows, begin's answer...}.
+PULL = (
+    _BEGIN
+    + """
+local out = {}
+local held = {}
+local function read(shape, free)
+  local taken = 0
+  while taken < free do
+    local r = redis.pcall('XREADGROUP', 'GROUP', 'workers', ARGV[1], 'COUNT', 1, 'STREAMS',
+      ARGV[4] .. shape .. ARGV[5], '>')
+    if type(r) ~= 'table' or not r[1] or not r[1][2][1] then return end
+    local entry = r[1][2][1]
+    local fields = {}
+    for j = 1, #entry[2], 2 do fields[entry[2][j]] = entry[2][j + 1] end
+    local rows = tonumber(fields['r'] or '1')
+    taken = taken + rows
+    local task_uuid = fields['t'] or ''
+    local began = begin(ARGV[7] .. task_uuid .. ARGV[5], ARGV[6], ARGV[1], ARGV[8], ARGV[5])
+    table.insert(out, {shape, entry[1], task_uuid, tostring(rows), unpack(began)})
+  end
+end
+for i = 9, #ARGV, 2 do
+  held[ARGV[i]] = true
+  read(ARGV[i], tonumber(ARGV[i + 1]))
+end
+local want = tonumber(ARGV[2])
+if want <= 0 then return out end
+local best, best_ms = nil, nil
+for _, shape in ipairs(redis.call('SMEMBERS', KEYS[1])) do
+  if not held[shape] then
+    local key = ARGV[4] .. shape .. ARGV[5]
+    local groups = redis.pcall('XINFO', 'GROUPS', key)
+    if type(groups) == 'table' then
+      for _, group in ipairs(groups) do
+        local info = {}
+        for j = 1, #group, 2 do info[group[j]] = group[j + 1] end
+        if info['name'] == 'workers' then
+          local first = redis.call('XRANGE', key, '(' .. info['last-delivered-id'], '+', 'COUNT', 1)
+          if first[1] then
+            local ms = tonumber(string.match(first[1][1], '^(%d+)'))
+            if best_ms == nil or ms < best_ms then best, best_ms = shape, ms end
+          end
+        end
+      end
+    end
+  end
+end
+if best == nil then return out end
+local now = redis.call('TIME')
+local now_ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
+if tonumber(ARGV[3]) == 0 or now_ms - best_ms >= tonumber(ARGV[3]) then read(best, want) end
+return out
+"""
+)
+
+# KEYS: tasks. ARGV: max deliveries, worker id, image prefix, suffix.
+# Begins each task (entries a worker took over with XAUTOCLAIM); begin's answer for each.
+START = (
+    _BEGIN
+    + """
+local out = {}
+for _, key in ipairs(KEYS) do table.insert(out, begin(key, ARGV[1], ARGV[2], ARGV[3], ARGV[4])) end
+return out
+"""
+)
+
+# KEYS: queues the worker holds entries of. ARGV: consumer, group.
+REFRESH = """
+local mine = {}
+for _, key in ipairs(KEYS) do
+  local pending = redis.pcall('XPENDING', key, ARGV[2], '-', '+', 1000, ARGV[1])
+  if type(pending) == 'table' and #pending > 0 then
+    local ids = {}
+    for _, p in ipairs(pending) do table.insert(ids, p[1]) end
+    redis.call('XCLAIM', key, ARGV[2], ARGV[1], 0, unpack(ids))
+    for _, id in ipairs(ids) do table.insert(mine, id) end
+  end
+end
+return mine
+"""
+
+# KEYS: task, webhook stream. ARGV: status (success|error), result JSON, frame ('' for
+# none), frame is an error (1/0), webhook URL ('' for none), webhook body, record TTL ms,
+# outbox max length, session prefix, outbox prefix, queue prefix, suffix, gateway
+# channel prefix, task uuid.
+# Returns 1 (this outcome won), 0 (the task had finished already), -1 (no record).
+FINISH = (
+    _APPEND
+    + """
+local f = redis.call('HMGET', KEYS[1], 'status', 'sid', 'gw', 'entry', 'shape', 'origin')
+if not f[1] then return -1 end
+if f[1] ~= 'processing' then return 0 end
+if ARGV[1] == 'success' then
+  redis.call('HSET', KEYS[1], 'status', 'success', 'item', ARGV[2], 'progress', '100')
+else
+  redis.call('HSET', KEYS[1], 'status', 'error', 'error', ARGV[2])
+end
+redis.call('PEXPIRE', KEYS[1], ARGV[7])
+if f[4] and f[5] then
+  local q = ARGV[11] .. f[5] .. ARGV[12]
+  redis.call('XACK', q, 'workers', f[4])
+  redis.call('XDEL', q, f[4])
+end
+if ARGV[3] ~= '' and f[2] then
+  append(ARGV[9], ARGV[10], ARGV[12], ARGV[13], f[2], ARGV[3], ARGV[4], f[6] or '', ARGV[14], ARGV[8])
+end
+if ARGV[5] ~= '' then redis.call('XADD', KEYS[2], '*', 'u', ARGV[5], 'b', ARGV[6], 't', ARGV[14]) end
+if f[3] then redis.call('PUBLISH', ARGV[13] .. f[3], 'd ' .. ARGV[14]) end
+return 1
+"""
+)
+
+# KEYS: task. ARGV: percent, frame ('' if not live), outbox max length, session prefix,
+# outbox prefix, suffix, gateway channel prefix, task uuid.
+PROGRESS = (
+    _APPEND
+    + """
+local f = redis.call('HMGET', KEYS[1], 'status', 'sid')
+if f[1] ~= 'processing' then return 0 end
+redis.call('HSET', KEYS[1], 'progress', ARGV[1])
+if ARGV[2] ~= '' and f[2] then
+  append(ARGV[4], ARGV[5], ARGV[6], ARGV[7], f[2], ARGV[2], '0', '', ARGV[8], ARGV[3])
+end
+return 1
+"""
+)
+
+# KEYS: session, outbox. ARGV: key hash, gateway id, TTL ms, mode: resume (only if it
+# exists and is this key's), create, or ensure (create if absent, else take ownership:
+# after Redis restarted empty, a gateway puts back the sessions it serves).
+OPEN = """
+local key = redis.call('HGET', KEYS[1], 'key')
+if ARGV[4] == 'resume' or (ARGV[4] == 'ensure' and key) then
+  if key ~= ARGV[1] then return 0 end
+  redis.call('HSET', KEYS[1], 'owner', ARGV[2])
+else
+  redis.call('HSET', KEYS[1], 'key', ARGV[1], 'owner', ARGV[2], 'last', '0-0')
+end
+redis.call('PEXPIRE', KEYS[1], ARGV[3])
+if redis.call('EXISTS', KEYS[2]) == 1 then redis.call('PEXPIRE', KEYS[2], ARGV[3]) end
+return 1
+"""
+
+# KEYS: session, outbox. ARGV: gateway id, count.
+# Returns {1, entries} and moves the session's cursor past them, so each frame is
+# handed out once; {0} if another gateway owns the session; {-1} if it is gone.
+TAKE = """
+local s = redis.call('HMGET', KEYS[1], 'owner', 'last')
+if not s[1] then return {-1} end
+if s[1] ~= ARGV[1] then return {0} end
+local entries = redis.call('XRANGE', KEYS[2], '(' .. (s[2] or '0-0'), '+', 'COUNT', ARGV[2])
+if #entries > 0 then redis.call('HSET', KEYS[1], 'last', entries[#entries][1]) end
+return {1, entries}
+"""
+
+# KEYS: session, outbox. ARGV: gateway id, TTL ms.
+DETACH = """
+if redis.call('HGET', KEYS[1], 'owner') ~= ARGV[1] then return 0 end
+redis.call('HSET', KEYS[1], 'owner', '')
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+if redis.call('EXISTS', KEYS[2]) == 1 then redis.call('PEXPIRE', KEYS[2], ARGV[2]) end
+return 1
+"""
+
+# KEYS: (none). ARGV: session prefix, outbox prefix, suffix, gateway channel prefix,
+# session id, frame, is error, origin, task uuid, outbox max length.
+KEEP = (
+    _APPEND
+    + """
+append(ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6], ARGV[7], ARGV[8], ARGV[9], ARGV[10])
+return 1
+"""
+)

@@ -1,0 +1,445 @@
+"""Sessions, task records and frame delivery on Redis (:class:`RedisState`).
+
+Any gateway can resume any session and any process can finish any task:
+
+- A task's record is a hash; :meth:`RedisState.finish` is the ``FINISH`` script, so only
+  the first terminal outcome of a task wins, whichever worker or gateway sends it (a
+  stalled worker's late result is dropped: fenced on the result, not the ack).
+- A session is a hash (owner key hash, owning gateway, cursor) and an *outbox* stream
+  of its frames. Finishing a sync task appends its frame and hints the owning gateway
+  (pub/sub); that gateway hands the session's new frames to its socket with ``TAKE``,
+  which moves the cursor in the same step, so each frame goes out once. Resuming on
+  another gateway makes it the owner and replays what lies past the cursor. A sweep
+  every second covers lost hints, and keeps the TTLs of attached sessions fresh.
+- When Redis cannot be reached, or lost a task's record (restarted empty), a gateway
+  answers its own peers' tasks itself, and remembers them so a late duplicate from
+  the outbox is dropped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import uuid
+import weakref
+from collections import Counter, OrderedDict
+from collections.abc import Callable
+
+import orjson
+
+from ..errors import TaskError
+from ..images import StoredImage
+from ..inputs import is_uuid
+from ..protocol import data_frame, error_frame
+from ..session import Session, TaskRecord
+from ..state import GatewayState, Peer, progress_item, without_payload
+from . import keys
+from .images import put_image
+from .link import ClusterUnavailable, RedisLink, guarded
+
+__all__ = ["RedisState"]
+
+logger = logging.getLogger(__name__)
+
+SWEEP_EVERY = 1.0  # seconds between sweeps of attached sessions' outboxes
+TAKE_COUNT = 256  # frames handed out per TAKE
+MAX_REPLAY = 1024  # frames an outbox keeps (approximately: MAXLEN ~)
+ANSWERED_LOCALLY = 10_000  # tasks answered here while Redis could not be (remembered)
+
+
+def unavailable(message: str = "") -> TaskError:
+    return TaskError(
+        "serviceUnavailable",
+        "the cluster's queue (Redis) cannot be reached; try again shortly" + message,
+    )
+
+
+class RedisState(GatewayState):
+    local = False
+    queues_webhooks = True
+
+    def __init__(
+        self,
+        link: RedisLink,
+        *,
+        member_id: str,
+        session_ttl: float,
+        record_ttl: float,
+        serves_sessions: bool = True,
+    ) -> None:
+        self.link = link
+        self.member_id = member_id  # this gateway's (or worker's) id
+        self.session_ttl = session_ttl
+        self.record_ttl = record_ttl
+        self.serves_sessions = serves_sessions  # False for a worker: it only finishes tasks
+        self.on_task_done: Callable[[str], None] | None = None  # a task this gateway submitted ended
+        self._attached: dict[str, Peer] = {}  # session id → its live peer here
+        self._draining: dict[str, bool] = {}  # session id → drain again when done
+        self._running: Counter[str] = Counter()  # API key → tasks registered here, unfinished
+        self._peer_ids: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+        self._ids = itertools.count()
+        self._answered: OrderedDict[str, None] = OrderedDict()  # see ANSWERED_LOCALLY
+        self._progress: dict[str, tuple[str, str, bytes]] = {}  # task → (key, percent, frame)
+        self._flushing = False
+        self._jobs: set[asyncio.Task] = set()
+        self._sweeper: asyncio.Task | None = None
+        if serves_sessions:
+            link.subscribe(keys.gateway_channel(member_id), self._on_message)
+            link.on_reconnect(lambda: self._spawn(self._reattach()))
+
+    # Lifecycle
+
+    async def start(self) -> None:
+        if self.serves_sessions:
+            self._sweeper = asyncio.create_task(self._sweep(), name="outbox-sweep")
+
+    async def close(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+        for job in list(self._jobs):
+            job.cancel()
+        await asyncio.gather(*self._jobs, *([self._sweeper] if self._sweeper else []), return_exceptions=True)
+
+    @property
+    def ready(self) -> bool:
+        return self.link.healthy
+
+    def _spawn(self, coro) -> None:
+        job = asyncio.create_task(coro)
+        self._jobs.add(job)
+        job.add_done_callback(self._jobs.discard)
+
+    def _peer_id(self, peer: Peer) -> str:
+        peer_id = self._peer_ids.get(peer)
+        if peer_id is None:
+            peer_id = self._peer_ids[peer] = f"{self.member_id}/{next(self._ids)}"
+        return peer_id
+
+    # Sessions
+
+    async def open(self, api_key: str, resume_id: str | None, peer: Peer) -> tuple[Session, list[bytes]]:
+        ttl_ms = _ms(self.session_ttl)
+        owner = keys.key_hash(api_key)
+        session_id = None
+        if resume_id and is_uuid(resume_id):  # only ids this cluster could have issued
+            args = [owner, self.member_id, ttl_ms, "resume"]
+            resumed = await self._script("OPEN", [keys.session(resume_id), keys.outbox(resume_id)], args)
+            session_id = resume_id if resumed else None
+        if session_id is None:  # unknown, expired or another key's: a fresh session
+            session_id = str(uuid.uuid4())
+            args = [owner, self.member_id, ttl_ms, "create"]
+            await self._script("OPEN", [keys.session(session_id), keys.outbox(session_id)], args)
+        session = Session(session_id, api_key)
+        replay = [frame for frame, _, _ in await self._take(session_id)]
+        self._attached[session_id] = peer
+        return session, replay
+
+    async def detach(self, session: Session, peer: Peer) -> None:
+        if self._attached.get(session.session_id) is not peer:
+            return
+        del self._attached[session.session_id]
+        sid = session.session_id
+        try:
+            await self.link.script(
+                "DETACH", [keys.session(sid), keys.outbox(sid)], [self.member_id, _ms(self.session_ttl)]
+            )
+        except ClusterUnavailable as exc:
+            logger.warning("could not let go of session %s: %s", sid, exc)
+
+    async def _reattach(self) -> None:
+        """Redis is back (perhaps restarted empty): put back the sessions served here."""
+        for session_id, peer in list(self._attached.items()):
+            try:
+                await self._put_back(session_id, peer)
+            except TaskError as exc:
+                logger.warning("session %s not put back: %s", session_id, exc.__cause__)
+                return
+        self._sweep_now()
+
+    async def _put_back(self, session_id: str, peer: Peer) -> None:
+        args = [keys.key_hash(peer.api_key), self.member_id, _ms(self.session_ttl), "ensure"]
+        await self._script("OPEN", [keys.session(session_id), keys.outbox(session_id)], args)
+
+    def _sweep_now(self) -> None:
+        for session_id in list(self._attached):
+            self._drain_soon(session_id)
+
+    def keep(self, session: Session, frame: bytes) -> None:
+        """A frame its socket could not send goes back to the end of its outbox."""
+        self._spawn(self._keep(session.session_id, frame))
+
+    async def _keep(self, session_id: str, frame: bytes) -> None:
+        is_error = b"1" if frame.startswith(b'{"errors"') else b"0"
+        args = [*self._prefixes(), session_id, frame, is_error, "", "", MAX_REPLAY]
+        try:
+            await self.link.script("KEEP", [], args)
+        except ClusterUnavailable as exc:
+            logger.warning("a frame for session %s could not be kept: %s", session_id, exc)
+
+    def running(self, api_key: str) -> int:
+        return self._running[api_key]
+
+    def counts(self) -> dict[str, int]:
+        return {"tasks_in_flight": sum(self._running.values()), "sessions_attached": len(self._attached)}
+
+    def settled(self, record: TaskRecord) -> None:
+        self._count_finished(record)
+
+    def _count_finished(self, record: TaskRecord) -> None:
+        if record.finished:
+            return
+        record.status = "done"  # local bookkeeping only: it no longer counts here
+        self._running[record.api_key] -= 1
+        if self._running[record.api_key] <= 0:
+            del self._running[record.api_key]
+
+    # Task records
+
+    async def register(
+        self,
+        api_key: str,
+        session: Session,
+        task_uuid: str,
+        task_type: str,
+        deliver_async: bool,
+        origin: Peer | None = None,
+    ) -> TaskRecord:
+        args = [
+            keys.key_hash(api_key),
+            session.session_id,
+            int(deliver_async),
+            task_type,
+            _ms(self.record_ttl),
+            self.member_id,
+            self._peer_id(origin) if origin is not None else "",
+            "",
+        ]
+        try:
+            known = await self.link.script("REGISTER", [keys.task(task_uuid)], args)
+        except ClusterUnavailable as exc:
+            raise unavailable() from exc
+        if known[0] == 1:
+            raise TaskError(
+                "conflictTaskUUID",
+                "a task with this taskUUID is already known; use a new UUID, or getResponse to read its result",
+                parameter="taskUUID",
+                type="string",
+            )
+        self._running[api_key] += 1
+        return TaskRecord(task_uuid, task_type, api_key, session, deliver_async)
+
+    async def finish(
+        self,
+        record: TaskRecord,
+        *,
+        item: dict | None,
+        error: TaskError | None,
+        origin: Peer | None = None,
+        webhook: str | None = None,
+        image: StoredImage | None = None,
+    ) -> bool:
+        """(``image``: an output image to write in the same step, see ``Completion.outcome``.)"""
+        frame = b"" if record.deliver_async else data_frame(item) if error is None else error_frame(error)
+        result = orjson.dumps(without_payload(item) if error is None else error.to_wire())
+        hook = orjson.dumps(item if error is None else error.to_wire()) if webhook else b""
+        sess, out, suffix, channel = self._prefixes()
+        args = [
+            "success" if error is None else "error",
+            result,
+            frame,
+            0 if error is None else 1,
+            webhook or "",
+            hook,
+            _ms(self.record_ttl),
+            MAX_REPLAY,
+            sess,
+            out,
+            keys.queue("")[:-1],
+            suffix,
+            channel,
+            record.task_uuid,
+        ]
+        try:
+            won = await self._finish(record, args, image)
+        except ClusterUnavailable as exc:
+            if not self.serves_sessions:
+                raise  # a worker retries until Redis is back
+            logger.warning("task %s could not be recorded (%s); answering it here", record.task_uuid, exc)
+            won = -1
+        if won == -1:  # Redis is away or lost the task: its own gateway answers it, if it is here
+            return self._answer_here(record, frame)
+        if won == 1:
+            self._count_finished(record)
+        return won == 1
+
+    async def _finish(self, record: TaskRecord, args: list, image: StoredImage | None) -> int:
+        if image is None:
+            return await self.link.script("FINISH", [keys.task(record.task_uuid), keys.HOOKS], args)
+        async with self.link.redis.pipeline(transaction=True) as pipe:
+            put_image(pipe, image)
+            await self.link.scripts["FINISH"](keys=[keys.task(record.task_uuid), keys.HOOKS], args=args, client=pipe)
+            return (await guarded(pipe.execute()))[-1]
+
+    def _answer_here(self, record: TaskRecord, frame: bytes) -> bool:
+        if not self.serves_sessions:
+            return False
+        self._count_finished(record)
+        self._answered[record.task_uuid] = None
+        while len(self._answered) > ANSWERED_LOCALLY:
+            self._answered.popitem(last=False)
+        peer = self._attached.get(record.session.session_id)
+        if frame and peer is not None:
+            peer.send(frame)
+        return True
+
+    def progress(self, record: TaskRecord, percent: int, live: bool) -> None:
+        frame = data_frame(progress_item(record, percent)) if live and not record.deliver_async else b""
+        self._progress[record.task_uuid] = (keys.task(record.task_uuid), str(percent), frame)
+        if not self._flushing:
+            self._flushing = True
+            self._spawn(self._flush_progress())
+
+    async def _flush_progress(self) -> None:
+        """Progress of every task that moved since the last flush, in one round trip."""
+        await asyncio.sleep(0)  # let the outputs of this loop turn gather
+        updates, self._progress, self._flushing = self._progress, {}, False
+        script = self.link.scripts["PROGRESS"]
+        sess, out, suffix, channel = self._prefixes()
+        try:
+            async with self.link.redis.pipeline(transaction=False) as pipe:
+                for task_uuid, (key, percent, frame) in updates.items():
+                    args = [percent, frame, MAX_REPLAY, sess, out, suffix, channel, task_uuid]
+                    await script(keys=[key], args=args, client=pipe)
+                await guarded(pipe.execute())
+        except ClusterUnavailable as exc:
+            logger.debug("progress not recorded: %s", exc)
+
+    async def lookup(self, api_key: str, task_uuid: str) -> TaskRecord | None:
+        try:
+            fields = await guarded(self.link.redis.hgetall(keys.task(task_uuid)))
+        except ClusterUnavailable as exc:
+            raise unavailable() from exc
+        fields = {k.decode(): v for k, v in fields.items()}
+        if fields.get("key", b"").decode() != keys.key_hash(api_key):
+            return None
+        record = TaskRecord(
+            task_uuid,
+            fields["type"].decode(),
+            api_key,
+            Session(fields["sid"].decode(), api_key),
+            fields.get("async") == b"1",
+        )
+        record.status = fields["status"].decode()
+        record.progress = int(fields.get("progress", b"0"))
+        if "item" in fields:
+            record.item = orjson.loads(fields["item"])
+        if "error" in fields:
+            record.error = _error_from_wire(orjson.loads(fields["error"]))
+        return record
+
+    # Delivery to this gateway's sockets
+
+    def _on_message(self, data: bytes) -> None:
+        kind, _, name = data.decode().partition(" ")
+        if kind == "o":
+            self._drain_soon(name)
+        elif kind == "d" and self.on_task_done is not None:
+            self.on_task_done(name)
+
+    def _drain_soon(self, session_id: str) -> None:
+        if session_id not in self._attached:
+            return
+        if session_id in self._draining:
+            self._draining[session_id] = True  # the running drain goes round again
+            return
+        self._draining[session_id] = False
+        self._spawn(self._drain(session_id))
+
+    async def _drain(self, session_id: str) -> None:
+        """Hand the session's new frames to its socket (one drain per session at a time,
+        so frames keep their order)."""
+        try:
+            while True:
+                peer = self._attached.get(session_id)
+                if peer is None:
+                    return
+                for frame, is_error, origin in await self._take(session_id):
+                    if is_error and not peer.replays_errors and origin != self._peer_id(peer):
+                        continue  # see Peer.replays_errors: the record keeps it for getResponse
+                    if not peer.send(frame):
+                        self.keep(Session(session_id, peer.api_key), frame)
+                if not self._draining.get(session_id):
+                    return
+                self._draining[session_id] = False
+        except TaskError as exc:
+            logger.debug("session %s not drained: %s", session_id, exc.__cause__)
+        finally:
+            self._draining.pop(session_id, None)
+
+    async def _take(self, session_id: str) -> list[tuple[bytes, bool, str]]:
+        """The session's frames past its cursor, each once, if this gateway owns it."""
+        got = await self._script(
+            "TAKE", [keys.session(session_id), keys.outbox(session_id)], [self.member_id, TAKE_COUNT]
+        )
+        if got[0] == -1 and session_id in self._attached:  # Redis lost it: its socket is still here
+            await self._put_back(session_id, self._attached[session_id])
+            return []
+        if got[0] != 1:  # it was resumed on another gateway: it is theirs now
+            self._attached.pop(session_id, None)
+            return []
+        frames = []
+        for _, flat in got[1]:
+            fields = dict(zip(flat[::2], flat[1::2]))
+            if fields.get(b"t", b"").decode() in self._answered:
+                continue  # answered here while Redis was away
+            frames.append((fields[b"f"], fields.get(b"e") == b"1", fields.get(b"o", b"").decode()))
+        return frames
+
+    async def _sweep(self) -> None:
+        """Every second: drain every attached session (hints can be lost), and keep the
+        TTLs of attached sessions and their outboxes fresh."""
+        refresh_every = max(1.0, self.session_ttl / 4)
+        since_refresh = 0.0
+        while True:
+            await asyncio.sleep(SWEEP_EVERY)
+            since_refresh += SWEEP_EVERY
+            self._sweep_now()
+            if since_refresh >= refresh_every and self._attached:
+                since_refresh = 0.0
+                try:
+                    async with self.link.redis.pipeline(transaction=False) as pipe:
+                        for session_id in self._attached:
+                            pipe.pexpire(keys.session(session_id), _ms(self.session_ttl))
+                            pipe.pexpire(keys.outbox(session_id), _ms(self.session_ttl))
+                        await guarded(pipe.execute())
+                except ClusterUnavailable as exc:
+                    logger.debug("session TTLs not refreshed: %s", exc)
+
+    # Helpers
+
+    async def _script(self, name: str, keys_: list[str], args: list) -> object:
+        try:
+            return await self.link.script(name, keys_, args)
+        except ClusterUnavailable as exc:
+            raise unavailable() from exc
+
+    @staticmethod
+    def _prefixes() -> tuple[str, str, str, str]:
+        """Key prefixes the outbox scripts assemble names from (see keys.py)."""
+        return keys.session("")[:-1], keys.outbox("")[:-1], "}", keys.gateway_channel("")
+
+
+def _ms(seconds: float) -> int:
+    return max(1, int(seconds * 1000))
+
+
+def _error_from_wire(wire: dict) -> TaskError:
+    return TaskError(
+        wire.get("code", "internalError"),
+        wire.get("message", ""),
+        parameter=wire.get("parameter"),
+        type=wire.get("type"),
+        task_type=wire.get("taskType"),
+        task_uuid=wire.get("taskUUID"),
+    )
