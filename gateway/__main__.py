@@ -1,4 +1,4 @@
-"""``latent-upscaler serve`` (also ``python -m gateway serve``): the command line.
+"""``latent-upscaler serve`` / ``upscale`` (also ``python -m gateway …``): the command line.
 
 Every flag has an environment variable, ``LATENT_UPSCALER_<FLAG>`` (upper case,
 dashes as underscores); a flag on the command line wins over the variable.
@@ -15,6 +15,7 @@ import sys
 
 from engine.config import DEFAULT_MODEL, VAE_OVERLAP, EngineConfig
 
+from .cli_upscale import add_parser as add_upscale_parser
 from .config import GatewayConfig
 
 ENV_PREFIX = "LATENT_UPSCALER_"
@@ -59,11 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Serve the Runware-compatible WebSocket API (ws://HOST:PORT/v1) and its HTTP endpoints "
         "(/images/…, /healthz, /readyz) on one port. Each flag has an environment variable.",
     )
-    g = s.add_argument_group("model")
-    _flag(g, "--model", default=DEFAULT_MODEL, help="hub id, local folder, or 'tiny' (offline test model)")
-    _flag(g, "--revision", help="hub revision (the default model is pinned to one with safetensors)")
-    _flag(g, "--device", help="torch device, e.g. cuda, cuda:1, cpu; default CUDA when present")
-    _flag(g, "--dtype", help="fp32, fp16 or bf16; default fp16 on CUDA, fp32 on CPU")
+    g = add_model_flags(s)
     _flag(
         g,
         "--model-alias",
@@ -84,7 +81,55 @@ def build_parser() -> argparse.ArgumentParser:
         env="LATENT_UPSCALER_API_KEYS",
         action="append",
     )
-    g = s.add_argument_group("batching")
+    add_batching_flags(s)
+    g = s.add_argument_group("limits")
+    _flag(g, "--max-frame-bytes", type=int, default=32 * 2**20, help="largest client frame")
+    _flag(g, "--max-tasks-per-frame", type=int, default=256, help="tasks in one frame")
+    _flag(g, "--max-in-flight-per-connection", type=int, default=64, help="unfinished tasks per connection")
+    _flag(g, "--max-in-flight-per-key", type=int, default=256, help="unfinished tasks per API key")
+    _flag(g, "--max-steps", type=int, default=100, help="largest settings.steps")
+    _flag(g, "--max-input-pixels", type=int, default=2048 * 2048, help="largest input image, in pixels")
+    _flag(g, "--max-input-bytes", type=int, default=32 * 2**20, help="largest input image, in bytes")
+    g = s.add_argument_group("timeouts and retention")
+    _flag(g, "--idle-timeout", type=float, default=120.0, help="close a socket silent this many seconds")
+    _flag(g, "--session-ttl", type=float, default=120.0, help="seconds undelivered results wait for a resume")
+    _flag(g, "--output-ttl", type=float, default=3600.0, help="default lifetime of stored images, seconds")
+    _flag(g, "--record-ttl", type=float, default=3600.0, help="seconds getResponse remembers a finished task")
+    _flag(g, "--shutdown-grace", type=float, default=30.0, help="seconds in-flight tasks get on SIGTERM")
+    g = s.add_argument_group("outbound HTTP")
+    _flag(
+        g,
+        "--allow-private-networks",
+        type=bool,
+        default=False,
+        help="allow image URLs/webhooks to private hosts",
+    )
+    _flag(g, "--price-per-gpu-hour", type=float, default=2.0, help="basis of `cost` (includeCost)")
+    _flag(
+        g,
+        "--log-level",
+        default="INFO",
+        type=str.upper,
+        choices=LOG_LEVELS,
+        help="DEBUG, INFO, WARNING or ERROR",
+    )
+    add_upscale_parser(sub, _flag, add_model_flags, add_batching_flags)
+    return parser
+
+
+def add_model_flags(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
+    """The engine's model flags (``serve``, and ``upscale`` without ``--url``); returns their group."""
+    g = parser.add_argument_group("model")
+    _flag(g, "--model", default=DEFAULT_MODEL, help="hub id, local folder, or 'tiny' (offline test model)")
+    _flag(g, "--revision", help="hub revision (the default model is pinned to one with safetensors)")
+    _flag(g, "--device", help="torch device, e.g. cuda, cuda:1, cpu; default CUDA when present")
+    _flag(g, "--dtype", help="fp32, fp16 or bf16; default fp16 on CUDA, fp32 on CPU")
+    return g
+
+
+def add_batching_flags(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
+    """The engine's batching flags (``serve``, and ``upscale`` without ``--url``); returns their group."""
+    g = parser.add_argument_group("batching")
     _flag(g, "--max-batch-rows", type=int, default=16, help="UNet rows per call (a CFG task takes two)")
     _flag(
         g,
@@ -124,41 +169,11 @@ def build_parser() -> argparse.ArgumentParser:
         default=1024,
         help="tasks admitted to the engine; beyond: rateLimitExceeded",
     )
-    g = s.add_argument_group("limits")
-    _flag(g, "--max-frame-bytes", type=int, default=32 * 2**20, help="largest client frame")
-    _flag(g, "--max-tasks-per-frame", type=int, default=256, help="tasks in one frame")
-    _flag(g, "--max-in-flight-per-connection", type=int, default=64, help="unfinished tasks per connection")
-    _flag(g, "--max-in-flight-per-key", type=int, default=256, help="unfinished tasks per API key")
-    _flag(g, "--max-steps", type=int, default=100, help="largest settings.steps")
-    _flag(g, "--max-input-pixels", type=int, default=2048 * 2048, help="largest input image, in pixels")
-    _flag(g, "--max-input-bytes", type=int, default=32 * 2**20, help="largest input image, in bytes")
-    g = s.add_argument_group("timeouts and retention")
-    _flag(g, "--idle-timeout", type=float, default=120.0, help="close a socket silent this many seconds")
-    _flag(g, "--session-ttl", type=float, default=120.0, help="seconds undelivered results wait for a resume")
-    _flag(g, "--output-ttl", type=float, default=3600.0, help="default lifetime of stored images, seconds")
-    _flag(g, "--record-ttl", type=float, default=3600.0, help="seconds getResponse remembers a finished task")
-    _flag(g, "--shutdown-grace", type=float, default=30.0, help="seconds in-flight tasks get on SIGTERM")
-    g = s.add_argument_group("outbound HTTP")
-    _flag(
-        g,
-        "--allow-private-networks",
-        type=bool,
-        default=False,
-        help="allow image URLs/webhooks to private hosts",
-    )
-    _flag(g, "--price-per-gpu-hour", type=float, default=2.0, help="basis of `cost` (includeCost)")
-    _flag(
-        g,
-        "--log-level",
-        default="INFO",
-        type=str.upper,
-        choices=LOG_LEVELS,
-        help="DEBUG, INFO, WARNING or ERROR",
-    )
-    return parser
+    return g
 
 
-def config_from_args(args: argparse.Namespace) -> GatewayConfig:
+def engine_config_from_args(args: argparse.Namespace, **limits) -> EngineConfig:
+    """The :class:`EngineConfig` of the model and batching flags (``limits``: its other fields)."""
     # argparse checks `choices` only on the command line, not on defaults read from the
     # environment: check those here (a ValueError is a clear one-line error in main()).
     if args.batching not in BATCHING:
@@ -173,9 +188,7 @@ def config_from_args(args: argparse.Namespace) -> GatewayConfig:
         )
     if args.torch_threads is not None and args.torch_threads < 1:
         raise ValueError("--torch-threads (LATENT_UPSCALER_TORCH_THREADS) must be at least 1")
-    keys = list(args.api_key or [])
-    aliases = list(args.model_alias or [])
-    engine = EngineConfig(
+    return EngineConfig(
         model=args.model,
         revision=args.revision,
         device=args.device,
@@ -186,9 +199,14 @@ def config_from_args(args: argparse.Namespace) -> GatewayConfig:
         torch_threads=args.torch_threads,
         vae_overlap=args.vae_overlap,
         max_queue=args.engine_queue,
-        max_input_pixels=args.max_input_pixels,
-        max_steps=args.max_steps,
+        **limits,
     )
+
+
+def config_from_args(args: argparse.Namespace) -> GatewayConfig:
+    engine = engine_config_from_args(args, max_input_pixels=args.max_input_pixels, max_steps=args.max_steps)
+    keys = list(args.api_key or [])
+    aliases = list(args.model_alias or [])
     return GatewayConfig(
         host=args.host,
         port=args.port,
@@ -231,6 +249,10 @@ async def serve_until_signalled(config: GatewayConfig) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "upscale":
+        from .cli_upscale import main as upscale_main
+
+        return upscale_main(args, engine_config_from_args)
     level = args.log_level.upper()
     if level not in LOG_LEVELS:
         print(f"latent-upscaler: --log-level must be one of {', '.join(LOG_LEVELS)}", file=sys.stderr)
