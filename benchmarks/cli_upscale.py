@@ -97,9 +97,11 @@ def count_outputs(folder: Path) -> int:
     return sum(1 for p in folder.iterdir() if p.name.endswith(".2x.png"))
 
 
-async def run_cli(url: str, images: Path, out: Path, steps: int) -> dict:
+async def run_cli(url: str, images: Path, out: Path, steps: int, concurrency: int | None = None) -> dict:
     command = [sys.executable, "-m", "gateway", "upscale", str(images), "--out", str(out)]
     command += ["--url", url, "--api-key", KEY, "--steps", str(steps), "--format", "png"]
+    if concurrency:
+        command += ["--concurrency", str(concurrency)]
     result = await asyncio.to_thread(run_measured, command)
     if result["returncode"] != 0:
         raise RuntimeError(f"the CLI failed ({result['returncode']}): {result['stderr'][-2000:]}")
@@ -141,6 +143,20 @@ def sdk_python(path: str | None) -> str:
         raise SystemExit(f"no runware SDK environment ({exc}); pass --sdk-python") from None
 
 
+def engine_work(before, after) -> dict:
+    """What the engine did during one run: calls, mean rows, seconds per stage."""
+    calls = after.unet_calls - before.unet_calls
+    return {
+        "unet_calls": calls,
+        "mean_rows": round((after.unet_rows - before.unet_rows) / calls, 2) if calls else None,
+        "unet_s": round(after.unet_seconds - before.unet_seconds, 3),
+        "encode_calls": after.encode_calls - before.encode_calls,
+        "encode_s": round(after.encode_seconds - before.encode_seconds, 3),
+        "decode_calls": after.decode_calls - before.decode_calls,
+        "decode_s": round(after.decode_seconds - before.decode_seconds, 3),
+    }
+
+
 def median(runs: list[dict], key: str) -> float:
     return round(statistics.median(r[key] for r in runs if r[key] is not None), 3)
 
@@ -157,16 +173,20 @@ async def main_async(args, python: str, work: Path) -> dict:
     runs: dict[str, list[dict]] = {"cli": [], "sdk": []}
     async with GatewayServer(config, engine) as server:
         for turn in range(args.repeat):  # in turns, so that both see the same neighbours
-            out = work / f"cli-{turn}"
-            runs["cli"].append(await run_cli(server.url, images, out, args.steps))
-            shutil.rmtree(out)
-            out = work / f"sdk-{turn}"
-            runs["sdk"].append(await run_sdk(python, server.url, images, out, args.steps))
-            shutil.rmtree(out)
+            for name in ("cli", "sdk"):
+                out = work / f"{name}-{turn}"
+                before = engine.stats()
+                if name == "cli":
+                    run = await run_cli(server.url, images, out, args.steps, args.cli_concurrency)
+                else:
+                    run = await run_sdk(python, server.url, images, out, args.steps)
+                run["engine"] = engine_work(before, engine.stats())
+                runs[name].append(run)
+                shutil.rmtree(out)
         many = work / "many"
         make_images(many, args.images * args.rss_scale)
         shutil.rmtree(images)
-        scaled = await run_cli(server.url, many, work / "cli-many", args.steps)
+        scaled = await run_cli(server.url, many, work / "cli-many", args.steps, args.cli_concurrency)
     return {"runs": runs, "scaled": scaled}
 
 
@@ -182,6 +202,7 @@ def main() -> None:
         "--rss-scale", type=int, default=4, help="the memory run has this many times the images"
     )
     parser.add_argument("--sdk-python", help="interpreter of a virtualenv with runware==0.5.24")
+    parser.add_argument("--cli-concurrency", type=int, help="the CLI's --concurrency (default: its own)")
     parser.add_argument("--smoke", action="store_true")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "cli_upscale.json"))
     args = parser.parse_args()
@@ -225,6 +246,7 @@ def main() -> None:
         "engine": args.engine,
         "steps": args.steps,
         "repeat": args.repeat,
+        "cli_concurrency": args.cli_concurrency,
         "summary": summary,
         "throughput_ratio_cli_over_sdk": round(ratio, 3),
         "cli_rss_scaled": scaled,

@@ -194,7 +194,7 @@ class _Plan:
             if self.signal is None and client is not None:
                 self.signal = signum
                 reporter.message(
-                    "latent-upscaler: stopping: finishing the images already sent (again to quit now)"
+                    "latent-upscaler: stopping: finishing the images already sent (Ctrl-C again to quit now)"
                 )
                 client.stop()
             else:
