@@ -239,6 +239,7 @@ class BatchClient:
             await self._run_loops(feeder)
         finally:
             feeder.stop()
+            logger.info("stream: %s", self.stats)
             if self._http is not None:
                 await self._http.aclose()
             if self._ws is not None:
