@@ -1,8 +1,13 @@
-"""Load generator: drives a gateway over real WebSockets, as Runware clients would.
+"""Load generator: drives a gateway over real WebSockets or REST, as Runware clients would.
 
     python benchmarks/loadgen.py --url ws://127.0.0.1:8787/v1 --workload benchmarks/workloads/tiny.json \\
         --connections 4 --concurrency 16 --tasks 200            # closed loop
     python benchmarks/loadgen.py ... --rate 5 --tasks 200       # open loop, Poisson arrivals
+    python benchmarks/loadgen.py --url http://127.0.0.1:8788/v1 ...   # REST: sync POSTs, keep-alive
+
+Over REST (an ``http://`` URL) each task is one sync ``POST`` on an HTTP/1.1 keep-alive
+connection (aiohttp's client, as ``runware-sdk`` uses), and a connection carries one
+request at a time: ``--connections`` is then the most requests in flight.
 
 Records per task the time to first progress and to the result, checks that every
 ``taskUUID`` got exactly one terminal answer, prints a table and writes JSON.
@@ -150,6 +155,46 @@ class Connection:
             future.set_result(None)
 
 
+class RestConnection:
+    """One HTTP/1.1 keep-alive connection: each task is a sync POST answered in full."""
+
+    def __init__(self, url: str, api_key: str, records: dict[str, TaskRecord]) -> None:
+        self.url, self.records = url, records
+        self.headers = {"Content-Type": "application/json", "Authorization": f"Bearer {api_key}"}
+        self.unknown = 0
+
+    async def __aenter__(self) -> RestConnection:
+        import aiohttp
+
+        self.session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=1, force_close=False),
+            timeout=aiohttp.ClientTimeout(total=None),
+        )
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.session.close()
+
+    async def run(self, task: dict, record: TaskRecord) -> None:
+        record.sent = time.perf_counter()
+        async with self.session.post(self.url, data=orjson.dumps([task]), headers=self.headers) as response:
+            frame = orjson.loads(await response.read())
+        now = time.perf_counter()
+        for item in frame.get("data", []):
+            self._on_item(item, now, error=None)
+        for item in frame.get("errors", []):
+            self._on_item(item, now, error=item.get("code", "unknown"))
+
+    def _on_item(self, item: dict, now: float, error: str | None) -> None:
+        record = self.records.get(item.get("taskUUID", ""))
+        if record is None:
+            self.unknown += 1
+            return
+        record.terminal_count += 1
+        if record.terminal_count == 1:
+            record.done, record.ok, record.error, record.cost = now, error is None, error, item.get("cost")
+
+
 async def run_load(
     url: str,
     api_key: str,
@@ -171,7 +216,8 @@ async def run_load(
         task, size = workload.sample(rng)
         records[task["taskUUID"]] = TaskRecord(task["taskUUID"], size, task["settings"]["steps"], 0.0)
         plan.append(task)
-    conns = [Connection(url, api_key, records) for _ in range(connections)]
+    kind = RestConnection if url.startswith(("http://", "https://")) else Connection
+    conns = [kind(url, api_key, records) for _ in range(connections)]
     for c in conns:
         await c.__aenter__()
     start = time.perf_counter()

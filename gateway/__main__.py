@@ -47,6 +47,11 @@ def _flag(group, flag: str, *, type=str, default=None, help: str, env: str | Non
         group.add_argument(flag, type=type, default=default, help=f"{help} (env {env}{shown})", **kw)
 
 
+def _port_or_off(value: str) -> int | None:
+    """A port number, or "off" (None)."""
+    return None if value.strip().lower() in ("off", "none", "") else int(value)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="latent-upscaler",
@@ -55,9 +60,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     s = sub.add_parser(
         "serve",
-        help="serve the WebSocket API",
+        help="serve the WebSocket and REST APIs",
         description="Serve the Runware-compatible WebSocket API (ws://HOST:PORT/v1) and its HTTP endpoints "
-        "(/images/…, /healthz, /readyz) on one port. Each flag has an environment variable.",
+        "(/images/…, /healthz, /readyz) on one port, and REST (POST http://HOST:HTTP_PORT/v1) with the "
+        "same endpoints on another. Each flag has an environment variable.",
     )
     g = s.add_argument_group("model")
     _flag(g, "--model", default=DEFAULT_MODEL, help="hub id, local folder, or 'tiny' (offline test model)")
@@ -75,6 +81,20 @@ def build_parser() -> argparse.ArgumentParser:
     _flag(g, "--port", type=int, default=8787, help="port for WebSocket and HTTP")
     _flag(g, "--public-url", help="base URL of imageURL links, e.g. https://upscale.example.com")
     _flag(g, "--permessage-deflate", type=bool, default=False, help="offer WebSocket compression")
+    _flag(
+        g,
+        "--http-port",
+        type=_port_or_off,
+        default=8788,
+        help="port for REST (POST /v1 with a JSON array of tasks) and the HTTP endpoints; 'off': no REST",
+    )
+    _flag(
+        g,
+        "--cors-origin",
+        help="browser origin allowed to call REST, e.g. https://app.example.com, or '*' for any "
+        "(repeatable; env: comma-separated; default none)",
+        action="append",
+    )
     g = s.add_argument_group("authentication")
     _flag(
         g,
@@ -125,8 +145,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="tasks admitted to the engine; beyond: rateLimitExceeded",
     )
     g = s.add_argument_group("limits")
-    _flag(g, "--max-frame-bytes", type=int, default=32 * 2**20, help="largest client frame")
-    _flag(g, "--max-tasks-per-frame", type=int, default=256, help="tasks in one frame")
+    _flag(
+        g,
+        "--max-frame-bytes",
+        type=int,
+        default=32 * 2**20,
+        help="largest client frame, and REST request body (beyond: 413)",
+    )
+    _flag(g, "--max-tasks-per-frame", type=int, default=256, help="tasks in one frame or REST request")
     _flag(g, "--max-in-flight-per-connection", type=int, default=64, help="unfinished tasks per connection")
     _flag(g, "--max-in-flight-per-key", type=int, default=256, help="unfinished tasks per API key")
     _flag(g, "--max-steps", type=int, default=100, help="largest settings.steps")
@@ -134,6 +160,14 @@ def build_parser() -> argparse.ArgumentParser:
     _flag(g, "--max-input-bytes", type=int, default=32 * 2**20, help="largest input image, in bytes")
     g = s.add_argument_group("timeouts and retention")
     _flag(g, "--idle-timeout", type=float, default=120.0, help="close a socket silent this many seconds")
+    _flag(
+        g,
+        "--rest-timeout",
+        type=float,
+        default=300.0,
+        help="seconds a sync REST request waits for its tasks; then the unfinished ones are answered "
+        "'timeout' (504) and go on (getResponse, or the same request again, gets them)",
+    )
     _flag(g, "--session-ttl", type=float, default=120.0, help="seconds undelivered results wait for a resume")
     _flag(g, "--output-ttl", type=float, default=3600.0, help="default lifetime of stored images, seconds")
     _flag(g, "--record-ttl", type=float, default=3600.0, help="seconds getResponse remembers a finished task")
@@ -173,6 +207,8 @@ def config_from_args(args: argparse.Namespace) -> GatewayConfig:
         )
     if args.torch_threads is not None and args.torch_threads < 1:
         raise ValueError("--torch-threads (LATENT_UPSCALER_TORCH_THREADS) must be at least 1")
+    if args.http_port is not None and args.http_port == args.port and args.port != 0:
+        raise ValueError("--http-port (LATENT_UPSCALER_HTTP_PORT) must differ from --port, or be 'off'")
     keys = list(args.api_key or [])
     aliases = list(args.model_alias or [])
     engine = EngineConfig(
@@ -194,6 +230,8 @@ def config_from_args(args: argparse.Namespace) -> GatewayConfig:
         port=args.port,
         public_url=args.public_url,
         permessage_deflate=args.permessage_deflate,
+        http_port=args.http_port,
+        cors_origins=tuple(args.cors_origin or []),
         api_keys=tuple(keys),
         model_aliases=tuple(aliases),
         max_frame_bytes=args.max_frame_bytes,
@@ -203,6 +241,7 @@ def config_from_args(args: argparse.Namespace) -> GatewayConfig:
         max_steps=args.max_steps,
         max_input_bytes=args.max_input_bytes,
         idle_timeout=args.idle_timeout,
+        rest_timeout=args.rest_timeout,
         session_ttl=args.session_ttl,
         output_ttl=args.output_ttl,
         record_ttl=args.record_ttl,

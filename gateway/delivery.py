@@ -7,6 +7,12 @@ image, submits an :class:`~engine.api.UpscaleRequest`, and turns the engine's ou
 progress items while it runs, then one terminal item — to the socket for sync tasks
 (or into the session's replay buffer when the socket is gone), to the task record for
 ``getResponse``, and to the webhook if one was given.
+
+Whoever sent a task is a :class:`~gateway.peer.Peer` (a WebSocket connection, or one
+task of a REST request). The REST transport uses four methods beside those the socket
+uses: :meth:`Gateway.submit_upscale` returns the task's record, :meth:`Gateway.watch`
+hands over a record's terminal frame, :meth:`Gateway.record_frame` is a record's current
+answer, and ``Gateway.sessions`` (lookup, forget, transient) for retries.
 """
 
 from __future__ import annotations
@@ -22,7 +28,6 @@ import uuid
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 from engine import codecs
 from engine.api import EngineError, ErrorCode, OutputFormat, Progress, UpscaleRequest, UpscaleResult
@@ -32,11 +37,9 @@ from .config import GatewayConfig
 from .errors import TaskError, internal_error
 from .http import Outbound, OutboundError
 from .images import ImageStore, MemoryImageStore, StoredImage
+from .peer import Peer
 from .protocol import GetResponse, ImageUpload, Upscale, data_frame, error_frame
 from .session import Session, SessionStore, TaskRecord
-
-if TYPE_CHECKING:
-    from .connection import Connection
 
 __all__ = ["Gateway"]
 
@@ -49,7 +52,7 @@ class _Pending:
 
     record: TaskRecord
     task: Upscale
-    connection: Connection
+    connection: Peer
     input_uuid: str = ""
 
 
@@ -73,7 +76,7 @@ class Gateway:
         self.sessions = SessionStore(
             session_ttl=config.session_ttl, record_ttl=config.record_ttl, clock=clock
         )
-        self._attached: dict[str, Connection] = {}  # session id → its live connection
+        self._attached: dict[str, Peer] = {}  # session id → its live connection
         self._pending: dict[str, _Pending] = {}  # engine request id → task
         self._uploads: Counter[str] = Counter()  # API key → imageUpload tasks not yet answered
         self._request_ids = itertools.count()
@@ -111,10 +114,10 @@ class Gateway:
 
     # Sessions and delivery
 
-    def attach(self, session: Session, connection: Connection) -> None:
+    def attach(self, session: Session, connection: Peer) -> None:
         self._attached[session.session_id] = connection
 
-    def detach(self, session: Session, connection: Connection) -> None:
+    def detach(self, session: Session, connection: Peer) -> None:
         if self._attached.get(session.session_id) is connection:
             del self._attached[session.session_id]
             self.sessions.detach(session)
@@ -125,7 +128,7 @@ class Gateway:
         if connection is None or not connection.send(frame):
             self.sessions.keep(session, frame)
 
-    def _deliver_error(self, session: Session, frame: bytes, origin: Connection | None) -> None:
+    def _deliver_error(self, session: Session, frame: bytes, origin: Peer | None) -> None:
         """An error goes where a result would, except to a socket other than the one
         that sent the task whose client cannot route it (``replays_errors``, see
         connection.py): the task record keeps it for getResponse."""
@@ -141,17 +144,25 @@ class Gateway:
         *,
         item: dict | None = None,
         error: TaskError | None = None,
-        origin: Connection,
+        origin: Peer,
     ):
         # The record keeps the item without its image payload (getResponse rebuilds it from
         # the image store), so an hour of task records never holds an hour of images.
         if not self.sessions.finish(pending_record, item=_without_payload(item), error=error):
             return
+        frame = None
         if not pending_record.deliver_async:
+            frame = data_frame(item) if error is None else error_frame(error)
             if error is None:
-                self.deliver(pending_record.session, data_frame(item))
+                self.deliver(pending_record.session, frame)
             else:
-                self._deliver_error(pending_record.session, error_frame(error), origin)
+                self._deliver_error(pending_record.session, frame, origin)
+        if pending_record.watchers:  # REST requests waiting for this task (see watch)
+            if frame is None:
+                frame = data_frame(item) if error is None else error_frame(error)
+            watchers, pending_record.watchers = pending_record.watchers, None
+            for watcher in watchers:
+                watcher(frame)
         webhook = getattr(task, "webhookURL", None)
         if webhook:
             body = item if error is None else error.to_wire()
@@ -167,8 +178,20 @@ class Gateway:
 
     # Upscale
 
-    def submit_upscale(self, connection: Connection, task: Upscale) -> None:
-        """Admit an upscale task (checks that need no I/O happen here, in frame order)."""
+    def watch(self, record: TaskRecord, callback: Callable[[bytes], object]) -> None:
+        """Call ``callback`` once with ``record``'s terminal frame (its result or its error,
+        payload included, as a sync task's peer gets it): now if it has finished, else when
+        it does. For the REST transport, whose requests wait on task records."""
+        if record.finished:
+            callback(self.record_frame(record))
+        elif record.watchers is None:
+            record.watchers = [callback]
+        else:
+            record.watchers.append(callback)
+
+    def submit_upscale(self, connection: Peer, task: Upscale) -> TaskRecord | None:
+        """Admit an upscale task (checks that need no I/O happen here, in frame order).
+        Returns its record, or None if it was refused (the error went to ``connection``)."""
         try:
             self._check_upscale(connection, task)
             record = self.sessions.register(
@@ -180,23 +203,24 @@ class Gateway:
             )
         except TaskError as error:
             connection.send(error_frame(error.for_task(task.taskType, task.taskUUID)))
-            return
+            return None
         connection.in_flight += 1
         if record.deliver_async:
             connection.send(data_frame({"taskType": task.taskType, "taskUUID": task.taskUUID}))
         if task.webhookURL or task.uploadEndpoint or _is_url(task.image):
             self.spawn(self._run_upscale(connection, record, task))  # DNS or a download first
-            return
+            return record
         # The common case needs no I/O: admitted here and now, with no task of its own.
         pending = _Pending(record, task, connection)
         try:
             data, pending.input_uuid = self.resolve_local_image(task.image, task.image_field)
         except Exception as exc:
             self._end(pending, exc)
-            return
+            return record
         self._admit(pending, data)
+        return record
 
-    def _check_upscale(self, connection: Connection, task: Upscale) -> None:
+    def _check_upscale(self, connection: Peer, task: Upscale) -> None:
         if task.model is not None and task.model not in self.config.accepted_models:
             raise TaskError(
                 "invalidModel",
@@ -213,7 +237,7 @@ class Gateway:
             )
         self._check_in_flight_limits(connection)
 
-    def _check_in_flight_limits(self, connection: Connection) -> None:
+    def _check_in_flight_limits(self, connection: Peer) -> None:
         """Upscales and uploads not yet answered, per connection and per API key."""
         if connection.in_flight >= self.config.max_in_flight_per_connection:
             raise TaskError(
@@ -229,7 +253,7 @@ class Gateway:
                 "wait for results before sending more",
             )
 
-    async def _run_upscale(self, connection: Connection, record: TaskRecord, task: Upscale) -> None:
+    async def _run_upscale(self, connection: Peer, record: TaskRecord, task: Upscale) -> None:
         """Check the outbound URLs and fetch the input, then admit the task."""
         pending = _Pending(record, task, connection)
         try:
@@ -457,7 +481,7 @@ class Gateway:
 
     # Upload and getResponse
 
-    def submit_upload(self, connection: Connection, task: ImageUpload) -> None:
+    def submit_upload(self, connection: Peer, task: ImageUpload) -> None:
         """Admit an imageUpload: it counts toward the connection's tasks in flight
         until its answer is sent, like an upscale."""
         try:
@@ -469,7 +493,7 @@ class Gateway:
         self._uploads[connection.api_key] += 1
         self.spawn(self._run_image_upload(connection, task))
 
-    async def _run_image_upload(self, connection: Connection, task: ImageUpload) -> None:
+    async def _run_image_upload(self, connection: Peer, task: ImageUpload) -> None:
         key = connection.api_key
         try:
             connection.send(await self._image_upload_frame(task))
@@ -510,7 +534,7 @@ class Gateway:
             }
         )
 
-    def get_response(self, connection: Connection, task: GetResponse) -> None:
+    def get_response(self, connection: Peer, task: GetResponse) -> None:
         record = self.sessions.lookup(connection.api_key, task.taskUUID)
         if record is None:
             error = TaskError(
@@ -522,21 +546,24 @@ class Gateway:
                 task_uuid=task.taskUUID,
             )
             connection.send(error_frame(error))
-        elif record.status == "success":
-            connection.send(data_frame(self._with_payload(record.item)))
-        elif record.status == "error":
-            connection.send(error_frame(record.error))
         else:
-            connection.send(
-                data_frame(
-                    {
-                        "taskType": record.task_type,
-                        "taskUUID": record.task_uuid,
-                        "status": "processing",
-                        "progress": record.progress,
-                    }
-                )
-            )
+            connection.send(self.record_frame(record))
+
+    def record_frame(self, record: TaskRecord) -> bytes:
+        """A task's current state as ``getResponse`` answers it: its result, its error, or
+        a processing item with its progress."""
+        if record.status == "success":
+            return data_frame(self._with_payload(record.item))
+        if record.status == "error":
+            return error_frame(record.error)
+        return data_frame(
+            {
+                "taskType": record.task_type,
+                "taskUUID": record.task_uuid,
+                "status": "processing",
+                "progress": record.progress,
+            }
+        )
 
 
 def _without_payload(item: dict | None) -> dict | None:

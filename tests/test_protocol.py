@@ -62,12 +62,30 @@ def test_task_records_conflict_finish_once_and_expire():
     with pytest.raises(TaskError) as err:
         store.register("k", session, "t1", "imageUpscale", False)
     assert err.value.code == "conflictTaskUUID"
-    store.register("other", session, "t1", "imageUpscale", False)  # another key: no conflict
-    assert store.running("k") == 1
+    with pytest.raises(TaskError):  # a taskUUID is unique across keys (REST retries rely on it)
+        store.register("other", session, "t1", "imageUpscale", False)
+    assert store.lookup("other", "t1") is None  # and getResponse only finds its own key's
+    assert store.running("k") == 1 and store.running("other") == 0
     assert store.finish(record, item={"ok": 1}) and not store.finish(record, item={"ok": 2})
     assert store.running("k") == 0 and store.lookup("k", "t1").item == {"ok": 1}
     clock.advance(3601)
     assert store.lookup("k", "t1") is None
+    store.register("other", session, "t1", "imageUpscale", False)  # forgotten: free again
+
+
+def test_a_forgotten_record_frees_its_uuid_and_transient_sessions_keep_nothing():
+    store = SessionStore()
+    session = store.transient("k")
+    record = store.register("k", session, "t1", "imageUpscale", False)
+    store.finish(record, error=TaskError("rateLimitExceeded", "busy"))
+    store.forget(record)
+    assert store.lookup("k", "t1") is None
+    again = store.register("k", session, "t1", "imageUpscale", False)
+    assert store.lookup("k", "t1") is again
+    store.keep(session, b"frame")
+    assert not session.resumable and not session.replay
+    resumed, replay = store.open("k", session.session_id)  # never resumed
+    assert resumed is not session and replay == []
 
 
 def test_image_store_ttl_and_byte_budget():
