@@ -45,6 +45,14 @@ def test_gateway_overhead_smoke(tmp_path):
     out = tmp_path / "overhead.json"
     report = run_smoke("gateway_overhead.py", out, timeout=300)
     assert report["all_exactly_once"] and report["throughput_ratio"] > 0
+    assert report["rest_throughput_ratio"] > 0 and report["runs"]["gateway-rest"]["saturated"]["succeeded"] > 0
+
+
+def test_http_transports_smoke(tmp_path):
+    out = tmp_path / "transports.json"
+    report = run_smoke("http_transports.py", out, timeout=300)
+    assert report["all_exactly_once"]
+    assert set(report["throughput_vs_websockets"]) == {"websockets-ws", "aiohttp-ws", "aiohttp-rest"}
 
 
 def test_scheduler_sim_smoke(tmp_path):
