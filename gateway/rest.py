@@ -64,6 +64,8 @@ logger = logging.getLogger(__name__)
 REST_PATHS = ("/", "/v1", "/v1/")
 JSON = "application/json"
 SERVER = "latent-upscale-gateway"  # as the WebSocket port's server_header
+_SERVER_HEADER = {"Server": SERVER}
+_JSON_HEADERS = {"Content-Type": JSON, "Server": SERVER}
 _PONG = data_frame({"taskType": "ping", "pong": True})
 _AUTHENTICATED = data_frame({"taskType": "authentication"})
 # The frames the gateway builds (protocol.data_frame / error_frame), whose items are
@@ -140,12 +142,11 @@ class _Exchange:
     """One request's tasks, their answers and the wait for them. Tasks in flight are
     counted per request: on REST, ``--max-in-flight-per-connection`` bounds one body."""
 
-    def __init__(self, gateway: Gateway, api_key: str, timeout: float) -> None:
+    def __init__(self, gateway: Gateway, api_key: str, session: Session) -> None:
         self.gateway = gateway
         self.api_key = api_key
-        self.session = gateway.sessions.transient(api_key)
+        self.session = session  # REST's transient one
         self.in_flight = 0
-        self.timeout = timeout
         self.slots: list[_Slot] = []
         self._unanswered = 0
         self._all_answered: asyncio.Future | None = None
@@ -206,26 +207,33 @@ class _Exchange:
         else:
             self.gateway.watch(record, slot.send)
 
-    async def wait(self) -> None:
-        """Until every slot has its answer; then, or after the time-out, no more come."""
+    async def wait(self, timeout: float) -> None:
+        """Until every slot has its answer, or ``timeout`` seconds (then the slots still
+        waiting are answered ``timeout``); no answer counts after that."""
         try:
             if self._unanswered:
-                self._all_answered = asyncio.get_running_loop().create_future()
+                loop = asyncio.get_running_loop()
+                self._all_answered = loop.create_future()
+                # A timer handle: cheaper per request than asyncio.timeout().
+                timer = loop.call_later(timeout, self._time_out, timeout)
                 try:
-                    async with asyncio.timeout(self.timeout):
-                        await self._all_answered
-                except TimeoutError:
-                    self._time_out()
+                    await self._all_answered
+                finally:
+                    timer.cancel()
         finally:
             self._closed = True  # also when the client hung up (the handler is cancelled)
 
-    def _time_out(self) -> None:
+    def _time_out(self, timeout: float) -> None:
         for slot in self.slots:
             if slot.frame is None:
-                slot.frame = error_frame(_timed_out(slot, self.timeout))
+                self.answer(slot, error_frame(_timed_out(slot, timeout)))
 
     def response(self) -> tuple[int, bytes]:
         """The status and body: every answer's items in task order."""
+        if len(self.slots) == 1:  # the SDKs' case: the one answer is the body
+            slot = self.slots[0]
+            assert slot.frame is not None
+            return slot.status(), slot.frame
         data, errors, error_status = [], [], 0
         for slot in self.slots:
             frame = slot.frame
@@ -247,6 +255,9 @@ class RestServer:
         self.limiter = limiter
         self.routes = routes
         self._cors = frozenset(self.config.cors_origins)
+        self._session = gateway.sessions.transient()
+        # Without configured keys (a loopback host only), any key is accepted: decided once.
+        self._any_key = not self.config.api_keys and key_accepted(self.config, "")
         self._runner: web.ServerRunner | None = None
         self._site: web.TCPSite | None = None
         self.port: int | None = None  # the port it listens on, once started
@@ -279,12 +290,12 @@ class RestServer:
     # Requests
 
     async def _handle(self, request: web.BaseRequest) -> web.StreamResponse:
-        cors = {**self._cors_headers(request), "Server": SERVER}
-        path = request.path
+        cors = {**self._cors_headers(request), "Server": SERVER} if self._cors else _SERVER_HEADER
+        path = request.raw_path.partition("?")[0]  # (request.path decodes a URL: not needed here)
         if request.method == "POST" and path in REST_PATHS:
             status, body = await self._post(request)
-            headers = {**cors, **_extra_headers(status)}
-            return web.Response(status=status, body=body, content_type=JSON, headers=headers)
+            headers = {**cors, **_extra_headers(status)} if status != 200 or self._cors else _JSON_HEADERS
+            return web.Response(status=status, body=body, headers=headers)
         if request.method == "OPTIONS":
             return self._preflight(request, cors)
         if request.method in ("GET", "HEAD"):
@@ -319,7 +330,7 @@ class RestServer:
         key, refusal = self._authenticate(request, header_key, parsed)
         if refusal is not None:
             return refusal
-        exchange = _Exchange(self.gateway, key or "", self.config.rest_timeout)
+        exchange = _Exchange(self.gateway, key or "", self._session)
         for index, task in enumerate(parsed):
             try:
                 exchange.add(task, first=index == 0)
@@ -327,7 +338,7 @@ class RestServer:
                 logger.exception("handling a REST task failed")
                 slot = exchange.slots[-1]
                 slot.send(error_frame(internal_error(slot.task_type, slot.task_uuid)))
-        await exchange.wait()
+        await exchange.wait(self.config.rest_timeout)
         return exchange.response()
 
     def _authenticate(
@@ -368,7 +379,7 @@ class RestServer:
                     task_type="authentication",
                 ),
             )
-        if key_accepted(self.config, key):
+        if self._any_key or key_accepted(self.config, key):
             return None
         return self._refuse(request, "invalidApiKey", "the API key is not valid")
 
@@ -425,10 +436,10 @@ def _request_error(status: int, error: TaskError) -> tuple[int, bytes]:
 
 def _extra_headers(status: int) -> dict[str, str]:
     if status == 401:
-        return {"WWW-Authenticate": 'Bearer realm="runware"'}
+        return {"Content-Type": JSON, "WWW-Authenticate": 'Bearer realm="runware"'}
     if status in (429, 503):
-        return {"Retry-After": "1"}
-    return {}
+        return {"Content-Type": JSON, "Retry-After": "1"}
+    return {"Content-Type": JSON}
 
 
 def _bearer(header: str) -> str | None:
@@ -444,8 +455,14 @@ def _peer(request: web.BaseRequest) -> str:
 async def _read_body(request: web.BaseRequest, limit: int) -> bytes | None:
     """The whole body, or None if it is over ``limit`` bytes (refused before reading it
     when its Content-Length says so)."""
-    if request.content_length is not None and request.content_length > limit:
-        return None
+    length = request.content_length
+    if length is not None:
+        if length > limit:
+            return None
+        try:
+            return await request.content.readexactly(length)
+        except asyncio.IncompleteReadError as exc:
+            return exc.partial  # the client hung up; what came is parsed, and fails
     chunks: list[bytes] = []
     size = 0
     while chunk := await request.content.readany():

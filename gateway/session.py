@@ -7,9 +7,9 @@ A session is what a client resumes with ``connectionSessionUUID``::
        └──authenticates again───┘  (same API key; its undelivered results replay once)
 
 Results for a detached session wait in its replay buffer. A session belongs to the API
-key that opened it: resuming it with another key gets a fresh session. A REST request
-has a :meth:`~SessionStore.transient` session: never attached, never resumed, it keeps
-nothing (its results reach the request through the task records).
+key that opened it: resuming it with another key gets a fresh session. REST requests
+share a :meth:`~SessionStore.transient` session: never attached, never resumed, it keeps
+nothing (their results reach them through the task records).
 
 Task records remember every ``taskUUID`` while it runs and for ``record_ttl`` after.
 A ``taskUUID`` is unique across API keys (a second task with it, from any key, gets
@@ -103,9 +103,10 @@ class SessionStore:
         self._sessions[session.session_id] = session
         return session, []
 
-    def transient(self, api_key: str) -> Session:
-        """A session for one REST request: not resumable, so it keeps no frames."""
-        return Session(f"rest-{next(self._transient_ids)}", api_key, attached=False, resumable=False)
+    def transient(self) -> Session:
+        """A session for REST requests (any key): never attached and not resumable, so it
+        keeps no frames; their results reach them through the task records."""
+        return Session(f"transient-{next(self._transient_ids)}", "", attached=False, resumable=False)
 
     def detach(self, session: Session) -> None:
         session.attached, session.detached_at = False, self.clock()

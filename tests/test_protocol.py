@@ -75,7 +75,7 @@ def test_task_records_conflict_finish_once_and_expire():
 
 def test_a_forgotten_record_frees_its_uuid_and_transient_sessions_keep_nothing():
     store = SessionStore()
-    session = store.transient("k")
+    session = store.transient()
     record = store.register("k", session, "t1", "imageUpscale", False)
     store.finish(record, error=TaskError("rateLimitExceeded", "busy"))
     store.forget(record)

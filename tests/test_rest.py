@@ -8,7 +8,12 @@ import asyncio
 import base64
 import contextlib
 import io
+import json
+import os
+import re
+import shutil
 import uuid
+from pathlib import Path
 
 import httpx
 import pytest
@@ -604,3 +609,61 @@ async def test_no_cors_by_default(rest_server):
         rest_server, [{"taskType": "ping"}], headers={**AUTH, "Origin": "https://a.example"}
     )
     assert "access-control-allow-origin" not in response.headers
+
+
+# The README's examples
+
+
+def readme_curl_examples() -> list[str]:
+    """The bash blocks of the README's REST section, as written."""
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = readme.split("\n### REST\n", 1)[1].split("\n## ", 1)[0]
+    return re.findall(r"```bash\n(.*?)```", section, flags=re.DOTALL)
+
+
+async def run_example(script: str, url: str) -> list[tuple[dict, int]]:
+    """Run one example with bash; each curl prints a body and a status on one line."""
+    process = await asyncio.create_subprocess_exec(
+        "bash",
+        "-euo",
+        "pipefail",
+        "-c",
+        script,
+        env={**os.environ, "URL": url, "KEY": KEY},
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(process.communicate(), 60)
+    assert process.returncode == 0, err.decode()
+    answers = []
+    for line in out.decode().splitlines():
+        body, _, status = line.rpartition(" ")
+        answers.append((json.loads(body), int(status)))
+    return answers
+
+
+async def test_the_readme_curl_examples_run_as_written(rest_server):
+    if shutil.which("curl") is None:
+        message = "curl is needed for the README's examples: apt-get install -y --no-install-recommends curl"
+        if os.environ.get("CI") == "true":
+            pytest.fail(message)
+        pytest.skip(message)
+    sync, async_, auth_task, wrong_key = readme_curl_examples()
+    url = rest_server.http_url
+
+    [(body, status)] = await run_example(sync, url)
+    assert status == 200 and body["data"][0]["status"] == "success", body
+    fetched = await rest_server.http.get(body["data"][0]["imageURL"])
+    assert Image.open(io.BytesIO(fetched.content)).size == (16, 16)
+
+    (ack, status), (polled, poll_status) = await run_example(async_, url)
+    assert status == poll_status == 200
+    assert ack == {"data": [{"taskType": "upscale", "taskUUID": "9c0e2a71-5d3b-4f86-a1e4-7b2d9f0c3e18"}]}
+    assert polled["data"][0]["status"] in ("processing", "success"), polled
+
+    [(body, status)] = await run_example(auth_task, url)
+    assert status == 200 and body["data"][0] == {"taskType": "authentication"}, body
+    assert body["data"][1]["taskType"] == "imageUpload" and body["data"][1]["imageURL"].endswith(".png")
+
+    [(body, status)] = await run_example(wrong_key, url)
+    assert status == 401 and body["errors"][0]["code"] == "invalidApiKey", body
