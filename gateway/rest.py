@@ -28,6 +28,8 @@ One request, from the wire to its answer::
 - Status: 200 when every answer is a success; otherwise the highest status among the
   errors (:func:`status_of`), so that a retryable 429/5xx wins and the SDKs retry, which
   is safe since finished tasks attach. ``errors`` is never empty, and never sent with 200.
+  Faults of the request itself: 400 (not a JSON array of tasks), 401/429 (key), 413
+  (body or task count over the limits), 408 (a body still not in after ``--idle-timeout``).
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ import logging
 
 import orjson
 import pydantic_core
-from aiohttp import web
+from aiohttp import HttpVersion11, web
 
 from .connection import AuthLimiter, key_accepted
 from .delivery import Gateway
@@ -311,7 +313,17 @@ class RestServer:
             refusal = self._check_key(request, header_key)
             if refusal is not None:
                 return refusal
-        body = await _read_body(request, self.config.max_frame_bytes)
+        try:
+            if request.content_length is not None and request.content.total_bytes >= request.content_length:
+                body = await _read_body(request, self.config.max_frame_bytes)  # here already
+            else:  # a body still arriving gets as long as a silent socket
+                async with asyncio.timeout(self.config.idle_timeout):
+                    body = await _read_body(request, self.config.max_frame_bytes)
+        except TimeoutError:
+            error = TaskError(
+                "timeout", f"the request body did not arrive within {self.config.idle_timeout:g} s"
+            )
+            return _request_error(408, error)
         if body is None:
             return _request_error(
                 413,
@@ -391,9 +403,11 @@ class RestServer:
     # CORS
 
     def _cors_headers(self, request: web.BaseRequest) -> dict[str, str]:
+        """With --cors-origin: the request's Origin, when allowed, echoed (so ``*`` works
+        with the Authorization header too); ``Vary: Origin`` either way, for caches."""
         origin = request.headers.get("Origin")
-        if origin is None or not self._cors or (origin not in self._cors and "*" not in self._cors):
-            return {}
+        if origin is None or (origin not in self._cors and "*" not in self._cors):
+            return {"Vary": "Origin"}
         return {"Access-Control-Allow-Origin": origin, "Vary": "Origin"}
 
     def _preflight(self, request: web.BaseRequest, cors: dict[str, str]) -> web.Response:
@@ -453,12 +467,18 @@ def _peer(request: web.BaseRequest) -> str:
 
 
 async def _read_body(request: web.BaseRequest, limit: int) -> bytes | None:
-    """The whole body, or None if it is over ``limit`` bytes (refused before reading it
-    when its Content-Length says so)."""
+    """The whole body, or None if it is over ``limit`` bytes (refused before reading it,
+    and before a ``100 Continue``, when its Content-Length says so)."""
     length = request.content_length
+    if length is not None and length > limit:
+        return None
+    if request.version == HttpVersion11 and request.headers.get("Expect", "").lower() == "100-continue":
+        # curl asks before sending a body over 1 KiB, and waits a second for this answer.
+        # Minor layering violation: this is aiohttp's own _default_expect_handler, which
+        # its router runs and its low-level server does not.
+        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        request.writer.output_size = 0
     if length is not None:
-        if length > limit:
-            return None
         try:
             return await request.content.readexactly(length)
         except asyncio.IncompleteReadError as exc:

@@ -16,6 +16,7 @@ import uuid
 from pathlib import Path
 
 import httpx
+import orjson
 import pytest
 from PIL import Image
 
@@ -306,6 +307,46 @@ async def test_a_body_over_the_size_limit_is_413():
         response = await server.http.post("/v1", content=chunks(), headers=AUTH)
         assert response.status_code == 413
         assert (await post(server, [upscale_task()])).status_code == 200  # the next one is fine
+
+
+async def raw_exchange(
+    port: int, head: bytes, body: bytes = b""
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(head + body)
+    return reader, writer
+
+
+async def test_expect_100_continue_is_answered_before_the_body(rest_server):
+    """curl sends bodies over 1 KiB only after a 100 Continue (or a second's wait)."""
+    body = orjson.dumps([upscale_task()])
+    head = (
+        b"POST /v1 HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer test-key\r\n"
+        b"Content-Type: application/json\r\nExpect: 100-continue\r\nContent-Length: %d\r\n\r\n" % len(body)
+    )
+    reader, writer = await raw_exchange(rest_server.config.http_port, head)
+    try:
+        assert (await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)).startswith(
+            b"HTTP/1.1 100 Continue"
+        )
+        writer.write(body)
+        assert (await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)).startswith(b"HTTP/1.1 200")
+    finally:
+        writer.close()
+
+
+async def test_a_body_that_stops_arriving_is_408():
+    async with rest_serving(idle_timeout=0.3) as server:
+        head = b"POST /v1 HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer test-key\r\nContent-Length: 100\r\n\r\n"
+        reader, writer = await raw_exchange(server.config.http_port, head, b'[{"taskType"')
+        try:
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+            length = int(head.lower().split(b"content-length: ", 1)[1].split(b"\r\n", 1)[0])
+            body = await asyncio.wait_for(reader.readexactly(length), 10)
+        finally:
+            writer.close()
+        assert head.startswith(b"HTTP/1.1 408")
+        assert orjson.loads(body)["errors"][0]["code"] == "timeout"
 
 
 async def test_too_many_tasks_in_a_body_is_413():
