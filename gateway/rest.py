@@ -308,31 +308,15 @@ class RestServer:
         return _response(_not_allowed() if path in REST_PATHS else text(404, "not found"), cors)
 
     async def _post(self, request: web.BaseRequest) -> tuple[int, bytes]:
+        """A request's status and body: read, parse, authenticate, run its tasks."""
         header_key = _bearer(request.headers.get("Authorization", ""))
         if header_key is not None:  # checked before the body is even read
             refusal = self._check_key(request, header_key)
             if refusal is not None:
                 return refusal
-        try:
-            if request.content_length is not None and request.content.total_bytes >= request.content_length:
-                body = await _read_body(request, self.config.max_frame_bytes)  # here already
-            else:  # a body still arriving gets as long as a silent socket
-                async with asyncio.timeout(self.config.idle_timeout):
-                    body = await _read_body(request, self.config.max_frame_bytes)
-        except TimeoutError:
-            error = TaskError(
-                "timeout", f"the request body did not arrive within {self.config.idle_timeout:g} s"
-            )
-            return _request_error(408, error)
-        if body is None:
-            return _request_error(
-                413,
-                TaskError(
-                    "invalidPayload",
-                    f"the request body is over {self.config.max_frame_bytes} bytes (--max-frame-bytes); "
-                    "send fewer tasks per request, or images by URL or uploaded UUID",
-                ),
-            )
+        body = await self._body(request)
+        if isinstance(body, tuple):
+            return body
         try:
             parsed = parse_frame(body.decode(), max_tasks=self.config.max_tasks_per_frame)
         except UnicodeDecodeError:
@@ -352,6 +336,31 @@ class RestServer:
                 slot.send(error_frame(internal_error(slot.task_type, slot.task_uuid)))
         await exchange.wait(self.config.rest_timeout)
         return exchange.response()
+
+    async def _body(self, request: web.BaseRequest) -> bytes | tuple[int, bytes]:
+        """The body, or the refusal: over --max-frame-bytes (413), or still not all in
+        after --idle-timeout (408), as a socket that silent would be closed."""
+        limit = self.config.max_frame_bytes
+        try:
+            length = request.content_length
+            if length is not None and request.content.total_bytes >= length:
+                body = await _read_body(request, limit)  # all here already: no timer needed
+            else:
+                async with asyncio.timeout(self.config.idle_timeout):
+                    body = await _read_body(request, limit)
+        except TimeoutError:
+            error = TaskError(
+                "timeout", f"the request body did not arrive within {self.config.idle_timeout:g} s"
+            )
+            return _request_error(408, error)
+        if body is None:
+            error = TaskError(
+                "invalidPayload",
+                f"the request body is over {limit} bytes (--max-frame-bytes); send fewer tasks per "
+                "request, or images by URL or uploaded UUID",
+            )
+            return _request_error(413, error)
+        return body
 
     def _authenticate(
         self, request: web.BaseRequest, header_key: str | None, tasks: list
