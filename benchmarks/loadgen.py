@@ -202,19 +202,22 @@ class RestConnection:
 
 
 class _HttpClient(asyncio.Protocol):
-    """HTTP/1.1 responses read off one connection, one request at a time."""
+    """HTTP/1.1 responses read off one connection, one request at a time (the open loop
+    may start a task on a connection still busy: it waits its turn, as in a pool of one)."""
 
     def __init__(self) -> None:
         self.buffer = bytearray()
         self.waiter: asyncio.Future | None = None
+        self.turn = asyncio.Lock()
 
     def connection_made(self, transport) -> None:
         self.transport = transport
 
     async def request(self, raw: bytes) -> tuple[int, bytes]:
-        self.waiter = asyncio.get_running_loop().create_future()
-        self.transport.write(raw)
-        return await self.waiter
+        async with self.turn:
+            self.waiter = asyncio.get_running_loop().create_future()
+            self.transport.write(raw)
+            return await self.waiter
 
     def data_received(self, data: bytes) -> None:
         self.buffer += data
