@@ -5,7 +5,6 @@ limits and CORS; and how it shares task records with the WebSocket."""
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import io
 import json
@@ -27,6 +26,7 @@ from tests.conftest import (
     HeldEngineClient,
     client,
     data_uri,
+    decode_result_image,
     png_bytes,
     serving,
     upscale_task,
@@ -65,14 +65,6 @@ def only_error(response: httpx.Response) -> dict:
     return body["errors"][0]
 
 
-def image_of(item: dict) -> Image.Image:
-    if "imageBase64Data" in item:
-        data = base64.b64decode(item["imageBase64Data"])
-    else:
-        data = base64.b64decode(item["imageDataURI"].split(",", 1)[1])
-    return Image.open(io.BytesIO(data))
-
-
 def get_response(task_uuid: str) -> list[dict]:
     return [{"taskType": "getResponse", "taskUUID": task_uuid}]
 
@@ -92,7 +84,7 @@ async def test_a_sync_upscale_is_answered_with_its_result(rest_server, path):
         "success",
         "imageUpscale",
     )
-    assert image_of(item).size == (80, 48)
+    assert decode_result_image(item).size == (80, 48)
 
 
 async def test_every_output_type_and_format(rest_server):
@@ -107,10 +99,10 @@ async def test_every_output_type_and_format(rest_server):
     assert [i["taskUUID"] for i in items] == [t["taskUUID"] for t in tasks]  # task order
     for task, item in zip(tasks, items):
         if task["outputType"] == "URL":
-            fetched = await httpx.AsyncClient().get(item["imageURL"])
+            fetched = await rest_server.http.get(item["imageURL"])
             image = Image.open(io.BytesIO(fetched.content))
         else:
-            image = image_of(item)
+            image = decode_result_image(item)
             if task["outputType"] == "dataURI":
                 assert item["imageDataURI"].startswith(f"data:{Image.MIME[image.format]};base64,")
         assert image.size == (80, 48)
@@ -180,7 +172,7 @@ async def test_upload_then_upscale_by_uuid(rest_server):
     assert item["taskType"] == "imageUpload" and item["imageURL"].endswith(".png")
     task = upscale_task(item["imageUUID"])
     result = (await post(rest_server, [task])).json()["data"][0]
-    assert result["inputImageUUID"] == item["imageUUID"] and image_of(result).size == (60, 40)
+    assert result["inputImageUUID"] == item["imageUUID"] and decode_result_image(result).size == (60, 40)
 
 
 async def test_ping_needs_no_key(rest_server):
@@ -444,7 +436,7 @@ async def test_a_timed_out_task_is_504_goes_on_and_is_kept_for_get_response():
         engine.release(stop_holding=True)
         await wait_until(lambda: server.gateway.sessions.lookup(KEY, task["taskUUID"]).finished)
         item = (await post(server, get_response(task["taskUUID"]))).json()["data"][0]
-        assert item["status"] == "success" and image_of(item).size == (80, 48)
+        assert item["status"] == "success" and decode_result_image(item).size == (80, 48)
 
 
 async def test_a_body_mixing_outcomes_takes_its_highest_error_status():
@@ -579,21 +571,15 @@ async def test_a_client_that_hangs_up_does_not_lose_its_task():
 
 async def test_a_request_waiting_at_shutdown_is_answered():
     engine = HeldEngineClient()
-    server_ctx = rest_serving(engine)
-    server = await server_ctx.__aenter__()
-    try:
+    async with rest_serving(engine) as server:
         task = upscale_task()
         request = asyncio.create_task(post(server, [task]))
         await wait_until(lambda: len(engine.held) == 1)
-        await server.close(grace=0.1)
+        await server.close(grace=0.1)  # the task never finishes: the engine stops under it
         response = await request
         assert response.status_code == 503
-        assert (only_error(response)["code"], only_error(response)["taskUUID"]) == (
-            "taskAborted",
-            task["taskUUID"],
-        )
-    finally:
-        await server_ctx.__aexit__(None, None, None)
+        error = only_error(response)
+        assert (error["code"], error["taskUUID"]) == ("taskAborted", task["taskUUID"])
 
 
 # The GET endpoints and CORS
