@@ -16,6 +16,7 @@ a retried call after a failover).
   says whether it is still to run, already done, or poisoned (past the limit).
 - :data:`REFRESH` — a worker's heartbeat on the entries it still owns (idle time reset
   without counting a delivery); returns them, so it learns what was taken away.
+  :data:`ORPHANS` takes over the entries of workers whose liveness key has expired.
 - :data:`FINISH` — exactly once: only the first terminal outcome of a task wins; it is
   recorded, its entry acknowledged and deleted, its frame appended to its session's
   outbox (the owning gateway is told), its webhook queued, its gateway told.
@@ -32,6 +33,7 @@ NAMES = (
     "PULL",
     "START",
     "REFRESH",
+    "ORPHANS",
     "FINISH",
     "PROGRESS",
     "OPEN",
@@ -202,6 +204,37 @@ for _, key in ipairs(KEYS) do
   end
 end
 return mine
+"""
+
+# KEYS: a queue. ARGV: group, this consumer, liveness key prefix, count.
+# Claims (for this consumer) up to ``count`` entries held by consumers whose liveness key
+# has expired (silent for the claim timeout: dead or stalled), whatever the entries' own
+# idle time: an entry taken just before its worker's last heartbeat need not wait a whole
+# claim timeout more. Returns a flat list: entry id, task uuid, rows, entry id, ...
+ORPHANS = """
+local out = {}
+local want = tonumber(ARGV[4])
+local consumers = redis.pcall('XINFO', 'CONSUMERS', KEYS[1], ARGV[1])
+if type(consumers) ~= 'table' then return out end
+for _, consumer in ipairs(consumers) do
+  local info = {}
+  for j = 1, #consumer, 2 do info[consumer[j]] = consumer[j + 1] end
+  if want > 0 and info['pending'] > 0 and info['name'] ~= ARGV[2]
+      and redis.call('EXISTS', ARGV[3] .. info['name']) == 0 then
+    local pending = redis.call('XPENDING', KEYS[1], ARGV[1], '-', '+', want, info['name'])
+    local ids = {}
+    for _, p in ipairs(pending) do table.insert(ids, p[1]) end
+    if #ids > 0 then
+      for _, entry in ipairs(redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, unpack(ids))) do
+        local fields = {}
+        for j = 1, #entry[2], 2 do fields[entry[2][j]] = entry[2][j + 1] end
+        table.insert(out, entry[1]); table.insert(out, fields['t'] or ''); table.insert(out, fields['r'] or '1')
+        want = want - 1
+      end
+    end
+  end
+end
+return out
 """
 
 # KEYS: task, webhook stream. ARGV: status (success|error), result JSON, frame ('' for

@@ -13,7 +13,7 @@ as ``serve``):
 - **outputs** — progress (a request whose last step is done frees its rows and wakes
   the pull), and each terminal output completed here as in ``serve``
   (``completion.py``) and recorded by ``FINISH``: exactly once, whoever finishes first.
-- **refresh** — every third of ``claim_timeout``: ``REFRESH`` resets the idle time of
+- **refresh** — twice per ``claim_timeout``: ``REFRESH`` resets the idle time of
   the entries it still owns; an entry that another worker took meanwhile is aborted here.
 - **reap** — entries idle longer than ``claim_timeout`` (their worker died or stalled)
   are taken over with ``XAUTOCLAIM``, keeping a cursor per queue; consumers that hold
@@ -53,7 +53,7 @@ logger = logging.getLogger(__name__)
 
 STARVE_AFTER = 2.0  # seconds an entry of a shape nobody runs may wait before a busy worker takes it
 PULL_EVERY = 0.5  # seconds between pulls when no hint comes
-REAP_EVERY = 0.5  # seconds between looks for entries idle past the claim timeout (at most)
+REAP_EVERY = 0.25  # seconds between looks for orphaned entries (at most)
 FORGET_CONSUMERS_AFTER = 10  # × claim_timeout of idleness, holding nothing
 
 
@@ -112,6 +112,7 @@ class Worker:
     async def start(self) -> None:
         await self.engine.start()
         await self.state.start()
+        await self._heartbeat()  # before its first pull: a consumer without one looks dead
         self._loops = [
             asyncio.create_task(loop(), name=f"worker-{loop.__name__}")
             for loop in (self._pull_loop, self._outputs_loop, self._refresh_loop, self._reap_loop)
@@ -317,7 +318,9 @@ class Worker:
     # Refresh and reap
 
     async def _refresh_loop(self) -> None:
-        every = max(0.2, self.cluster.claim_timeout / 3)
+        # Twice per claim timeout: a live worker's entries never reach it (a margin of half
+        # of it), and a dead one's become claimable on average a quarter of it sooner.
+        every = max(0.2, self.cluster.claim_timeout / 2)
         while True:
             await asyncio.sleep(every)
             try:
@@ -327,8 +330,14 @@ class Worker:
             except Exception:
                 logger.exception("refreshing held entries failed")
 
+    async def _heartbeat(self) -> None:
+        """This worker is alive for another claim timeout (a silent one loses its tasks)."""
+        alive_ms = int(self.cluster.claim_timeout * 1000)
+        with contextlib.suppress(ClusterUnavailable):
+            await guarded(self.link.redis.set(keys.alive("worker", self.id), b"1", px=alive_ms))
+
     async def _refresh(self) -> None:
-        await guarded(self.link.redis.set(keys.alive("worker", self.id), b"1", px=int(self.cluster.claim_timeout * 3000)))
+        await self._heartbeat()
         queues = sorted({keys.queue(h.shape) for h in self.held.values()})
         if not queues:
             return
@@ -385,6 +394,15 @@ class Worker:
                 for entry, fields in entries
                 if fields and fields[b"t"].decode() not in self.held
             ]
+            free -= sum(h.rows for h in taken)
+            if free > 0:  # and the entries of workers whose heartbeat stopped
+                args = [keys.WORKERS_GROUP, self.id, keys.alive("worker", ""), free]
+                flat = await self.link.script("ORPHANS", [keys.queue(shape)], args)
+                taken += [
+                    _Held(flat[i + 1].decode(), shape, int(flat[i + 2]), flat[i].decode())
+                    for i in range(0, len(flat), 3)
+                    if flat[i + 1].decode() not in self.held
+                ]
             if taken:
                 logger.warning("taking over %d tasks of shape %s from a silent worker", len(taken), shape)
                 await self._take_over(taken)
