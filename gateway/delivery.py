@@ -104,6 +104,7 @@ class Gateway:
     # Lifecycle
 
     async def start(self) -> None:
+        await self.store.start()
         await self.state.start()
         await self.engine.start()
         self._dispatcher = asyncio.create_task(self._dispatch(), name="engine-outputs")
@@ -405,7 +406,7 @@ class Gateway:
                 "taskType": "imageUpload",
                 "taskUUID": task.taskUUID,
                 "imageUUID": stored.image_uuid,
-                "imageURL": self.image_url(stored),
+                "imageURL": await self.completion.url(self.config.base_url, stored),
             }
         )
 
