@@ -70,27 +70,35 @@ class MotoServer:
         response = httpx.put(f"{self.url}/{bucket}", timeout=5)
         assert response.status_code == 200, response.text
 
+    def keys(self, bucket: str, prefix: str = "") -> list[str]:
+        """The keys under ``prefix`` (the first 1,000)."""
+        listed = self._client().list_objects_v2(Bucket=bucket, Prefix=prefix)
+        return [item["Key"] for item in listed.get("Contents", [])]
+
     def object(self, bucket: str, key: str) -> dict | None:
         """An object as S3 has it (``Body`` read into bytes, ``ContentType``, ``Metadata``,
         …), or None if there is none; read with boto3 (moto's own dependency)."""
-        import boto3
         from botocore.exceptions import ClientError
 
-        s3 = boto3.client(
-            "s3",
-            endpoint_url=self.url,
-            region_name=CREDENTIALS["AWS_DEFAULT_REGION"],
-            aws_access_key_id=CREDENTIALS["AWS_ACCESS_KEY_ID"],
-            aws_secret_access_key=CREDENTIALS["AWS_SECRET_ACCESS_KEY"],
-        )
         try:
-            found = s3.get_object(Bucket=bucket, Key=key)
+            found = self._client().get_object(Bucket=bucket, Key=key)
         except ClientError as exc:
             if exc.response["Error"]["Code"] in ("NoSuchKey", "404"):
                 return None
             raise
         found["Body"] = found["Body"].read()
         return found
+
+    def _client(self):
+        import boto3
+
+        return boto3.client(
+            "s3",
+            endpoint_url=self.url,
+            region_name=CREDENTIALS["AWS_DEFAULT_REGION"],
+            aws_access_key_id=CREDENTIALS["AWS_ACCESS_KEY_ID"],
+            aws_secret_access_key=CREDENTIALS["AWS_SECRET_ACCESS_KEY"],
+        )
 
     def reset(self) -> None:
         """Forget every bucket and object (moto's own reset endpoint)."""

@@ -306,6 +306,88 @@ async def test_the_store_endpoint_is_exempt_from_the_ssrf_guard_and_nothing_else
         assert error["code"] == "invalidInputImage" and "private or local address" in error["message"]
 
 
+# The cluster's image contract, on S3
+
+
+@pytest.fixture
+def redis_process(tmp_path):
+    from tests.cluster_harness import INSTALL_HINT as REDIS_HINT
+    from tests.cluster_harness import REDIS_SERVER, RedisProcess
+
+    if REDIS_SERVER is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"redis-server is missing in CI; {REDIS_HINT}")
+        pytest.skip(f"redis-server is not installed; {REDIS_HINT}")
+    server = RedisProcess(tmp_path).start()
+    yield server
+    server.stop()
+
+
+@pytest.mark.cluster
+async def test_images_and_uploads_work_on_every_gateway_with_s3(moto, bucket, redis_process, tmp_path):
+    """test_cluster's image contract (imageURL, uploaded UUIDs and outputs as inputs, on
+    every gateway) with the images in S3: Redis holds their expiry index, not their bytes."""
+    from tests import test_cluster
+    from tests.cluster_harness import Cluster
+
+    common = ["--claim-timeout", "2", "--shutdown-grace", "3"]
+    common += ["--image-store", f"s3://{bucket}/img", "--s3-endpoint-url", moto.url]
+    cluster = Cluster(redis_process, tmp_path, common=common)
+    try:
+        await test_cluster.test_images_and_uploads_work_on_every_gateway(cluster)
+    finally:
+        cluster.close()
+        print(cluster.logs())
+    assert redis_process.command(b"EVAL", b"return #redis.call('KEYS', 'lu:img:*')", b"0") == b":0"
+    indexed = int(redis_process.command(b"ZCARD", b"lu:img-expiry")[1:])
+    assert indexed >= 3  # the upload and two outputs, at least
+    listed = await asyncio.to_thread(moto.keys, bucket, "img/")
+    assert len(listed) == indexed
+
+
+@pytest.mark.cluster
+async def test_a_store_that_stalls_while_a_worker_runs_fails_those_tasks_and_the_cluster_goes_on(
+    moto, bucket, redis_process, tmp_path
+):
+    """The worker's side: the store stops answering while tasks denoise, so writing their
+    outputs fails: each ends with serviceUnavailable, once, within the time-out; when
+    the store answers again the next task succeeds."""
+    from tests.cluster_harness import Cluster
+    from tests.test_cluster import connected, terminal, wait_for
+
+    common = ["--claim-timeout", "2", "--shutdown-grace", "3", "--s3-timeout", "1.5"]
+    common += ["--image-store", f"s3://{bucket}/img", "--s3-endpoint-url", moto.url]
+    cluster = Cluster(redis_process, tmp_path, common=common)
+    try:
+        gw, w = cluster.gateway("gw"), cluster.worker("w")
+        await cluster.ready(gw, w)
+        tasks = [upscale_task(settings={"steps": 40}) for _ in range(2)]
+        async with connected(gw.url) as c:
+            await c.send(tasks)
+            await wait_for(lambda: _holds(w, 2), every=0.05)
+            moto.proc.send_signal(signal.SIGSTOP)
+            try:
+                ended = await c.collect({t["taskUUID"] for t in tasks}, timeout=60)
+                assert await c.quiet(0.5) == []  # each answered once
+            finally:
+                moto.proc.send_signal(signal.SIGCONT)
+            for items in ended.values():
+                error = terminal(items)
+                assert len(error) == 1 and error[0]["code"] == "serviceUnavailable", items
+                assert "image store" in error[0]["message"]
+            again = upscale_task(outputType="URL")
+            item = (await c.run([again], timeout=60))[again["taskUUID"]][-1]
+            assert item["status"] == "success", item
+    finally:
+        cluster.close()
+        print(cluster.logs())
+
+
+async def _holds(worker, count: int) -> bool:
+    stats = await worker.stats()
+    return stats["held"] >= count and stats["engine"]["unet_calls"] > 0
+
+
 # Configuration
 
 
