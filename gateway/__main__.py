@@ -1,4 +1,4 @@
-"""``latent-upscaler serve | gateway | worker`` (also ``python -m gateway …``): the command line.
+"""``latent-upscaler serve | gateway | worker | upscale`` (also ``python -m gateway …``): the command line.
 
 Every flag has an environment variable, ``LATENT_UPSCALER_<FLAG>`` (upper case,
 dashes as underscores); a flag on the command line wins over the variable.
@@ -16,6 +16,7 @@ import sys
 
 from engine.config import DEFAULT_MODEL, VAE_OVERLAP, EngineConfig
 
+from .cli_upscale import add_parser as add_upscale_parser
 from .config import ClusterConfig, GatewayConfig, ImageStoreConfig
 
 ENV_PREFIX = "LATENT_UPSCALER_"
@@ -48,6 +49,11 @@ def _flag(group, flag: str, *, type=str, default=None, help: str, env: str | Non
         group.add_argument(flag, type=type, default=default, help=f"{help} (env {env}{shown})", **kw)
 
 
+def _port_or_off(value: str) -> int | None:
+    """A port number, or "off" (None)."""
+    return None if value.strip().lower() in ("off", "none", "") else int(value)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="latent-upscaler",
@@ -56,13 +62,14 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     s = sub.add_parser(
         "serve",
-        help="serve the WebSocket API: one process, the engine inside",
+        help="serve the WebSocket and REST APIs: one process, the engine inside",
         description="Serve the Runware-compatible WebSocket API (ws://HOST:PORT/v1) and its HTTP endpoints "
-        "(/images/…, /healthz, /readyz) on one port, with the engine in this process. Each flag has an "
-        "environment variable.",
+        "(/images/…, /healthz, /readyz) on one port, and REST (POST http://HOST:HTTP_PORT/v1) with the "
+        "same endpoints on another, with the engine in this process. Each flag has an environment variable.",
     )
-    for add in (_model_flags, _network_flags, _auth_flags, _batching_flags, _limit_flags, _time_flags):
+    for add in (add_model_flags, _network_flags, _auth_flags, add_batching_flags, _limit_flags, _time_flags):
         add(s)
+    _model_alias_flag(s.add_argument_group("model names"))
     _image_store_flags(s, default="memory")
     _outbound_flags(s)
     g = sub.add_parser(
@@ -97,12 +104,13 @@ def build_parser() -> argparse.ArgumentParser:
     _flag(
         group,
         "--http-port",
-        type=int,
+        type=_port_or_off,
         help="serve /healthz, /readyz and /stats (JSON) on this port, for an orchestrator; default none",
     )
     _flag(group, "--host", default="127.0.0.1", help="address the --http-port listens on")
-    for add in (_model_flags, _batching_flags):
+    for add in (add_model_flags, add_batching_flags):
         add(w)
+    _model_alias_flag(w.add_argument_group("model names"))
     group = w.add_argument_group("limits")
     _flag(group, "--max-steps", type=int, default=100, help="largest settings.steps")
     _flag(group, "--max-input-pixels", type=int, default=2048 * 2048, help="largest input image, in pixels")
@@ -113,10 +121,12 @@ def build_parser() -> argparse.ArgumentParser:
     _flag(group, "--shutdown-grace", type=float, default=30.0, help="seconds held tasks get on SIGTERM")
     _image_store_flags(w, default="redis")
     _outbound_flags(w)
+    add_upscale_parser(sub, _flag, add_model_flags, add_batching_flags)
     return parser
 
 
-def _model_flags(parser) -> None:
+def add_model_flags(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
+    """The engine's model flags (``serve``, ``worker``, and ``upscale`` without ``--url``); returns their group."""
     g = parser.add_argument_group("model")
     _flag(
         g,
@@ -128,7 +138,7 @@ def _model_flags(parser) -> None:
     _flag(g, "--revision", help="hub revision (the default model is pinned to one with safetensors)")
     _flag(g, "--device", help="torch device, e.g. cuda, cuda:1, cpu; default CUDA when present")
     _flag(g, "--dtype", help="fp32, fp16 or bf16; default fp16 on CUDA, fp32 on CPU")
-    _model_alias_flag(g)
+    return g
 
 
 def _model_alias_flag(group) -> None:
@@ -146,6 +156,20 @@ def _network_flags(parser) -> None:
     _flag(g, "--port", type=int, default=8787, help="port for WebSocket and HTTP")
     _flag(g, "--public-url", help="base URL of imageURL links, e.g. https://upscale.example.com")
     _flag(g, "--permessage-deflate", type=bool, default=False, help="offer WebSocket compression")
+    _flag(
+        g,
+        "--http-port",
+        type=_port_or_off,
+        default=8788,
+        help="port for REST (POST /v1 with a JSON array of tasks) and the HTTP endpoints; 'off': no REST",
+    )
+    _flag(
+        g,
+        "--cors-origin",
+        help="browser origin allowed to call REST, e.g. https://app.example.com, or '*' for any "
+        "(repeatable; env: comma-separated; default none)",
+        action="append",
+    )
 
 
 def _auth_flags(parser) -> None:
@@ -160,7 +184,8 @@ def _auth_flags(parser) -> None:
     )
 
 
-def _batching_flags(parser) -> None:
+def add_batching_flags(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
+    """The engine's batching flags (``serve``, ``worker``, and ``upscale`` without ``--url``); returns their group."""
     g = parser.add_argument_group("batching")
     _flag(g, "--max-batch-rows", type=int, default=16, help="UNet rows per call (a CFG task takes two)")
     _flag(
@@ -201,12 +226,19 @@ def _batching_flags(parser) -> None:
         default=1024,
         help="tasks admitted to the engine; beyond: rateLimitExceeded",
     )
+    return g
 
 
 def _limit_flags(parser) -> None:
     g = parser.add_argument_group("limits")
-    _flag(g, "--max-frame-bytes", type=int, default=32 * 2**20, help="largest client frame")
-    _flag(g, "--max-tasks-per-frame", type=int, default=256, help="tasks in one frame")
+    _flag(
+        g,
+        "--max-frame-bytes",
+        type=int,
+        default=32 * 2**20,
+        help="largest client frame, and REST request body (beyond: 413)",
+    )
+    _flag(g, "--max-tasks-per-frame", type=int, default=256, help="tasks in one frame or REST request")
     _flag(g, "--max-in-flight-per-connection", type=int, default=64, help="unfinished tasks per connection")
     _flag(g, "--max-in-flight-per-key", type=int, default=256, help="unfinished tasks per API key")
     _flag(g, "--max-steps", type=int, default=100, help="largest settings.steps")
@@ -217,6 +249,14 @@ def _limit_flags(parser) -> None:
 def _time_flags(parser) -> None:
     g = parser.add_argument_group("timeouts and retention")
     _flag(g, "--idle-timeout", type=float, default=120.0, help="close a socket silent this many seconds")
+    _flag(
+        g,
+        "--rest-timeout",
+        type=float,
+        default=300.0,
+        help="seconds a sync REST request waits for its tasks; then the unfinished ones are answered "
+        "'timeout' (504) and go on (getResponse, or the same request again, gets them)",
+    )
     _flag(g, "--session-ttl", type=float, default=120.0, help="seconds undelivered results wait for a resume")
     _flag(g, "--output-ttl", type=float, default=3600.0, help="default lifetime of stored images, seconds")
     _flag(g, "--record-ttl", type=float, default=3600.0, help="seconds getResponse remembers a finished task")
@@ -343,6 +383,7 @@ _GATEWAY_FIELDS = (
     "max_steps",
     "max_input_bytes",
     "idle_timeout",
+    "rest_timeout",
     "session_ttl",
     "output_ttl",
     "record_ttl",
@@ -353,7 +394,8 @@ _GATEWAY_FIELDS = (
 _CHOICES = {"batching": BATCHING, "group_policy": GROUP_POLICIES, "vae_overlap": VAE_OVERLAP}
 
 
-def config_from_args(args: argparse.Namespace) -> GatewayConfig:
+def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
+    """The :class:`EngineConfig` of whichever model, batching and limit flags ``args`` has."""
     # argparse checks `choices` only on the command line, not on defaults read from the
     # environment: check those here (a ValueError is a clear one-line error in main()).
     for name, choices in _CHOICES.items():
@@ -362,11 +404,20 @@ def config_from_args(args: argparse.Namespace) -> GatewayConfig:
             raise ValueError(f"{flag} ({_env_name(flag)}) must be one of {', '.join(choices)}")
     if getattr(args, "torch_threads", None) is not None and args.torch_threads < 1:
         raise ValueError("--torch-threads (LATENT_UPSCALER_TORCH_THREADS) must be at least 1")
-    engine = EngineConfig(**{field: getattr(args, flag) for flag, field in _ENGINE_FIELDS.items() if hasattr(args, flag)})
+    return EngineConfig(**{field: getattr(args, flag) for flag, field in _ENGINE_FIELDS.items() if hasattr(args, flag)})
+
+
+def config_from_args(args: argparse.Namespace) -> GatewayConfig:
+    rest = {"http_port": args.http_port} if hasattr(args, "port") and hasattr(args, "http_port") else {}
+    if hasattr(args, "port") and args.http_port is not None and args.http_port == args.port and args.port != 0:
+        raise ValueError("--http-port (LATENT_UPSCALER_HTTP_PORT) must differ from --port, or be 'off'")
+    engine = engine_config_from_args(args)
     return GatewayConfig(
         **{name: getattr(args, name) for name in _GATEWAY_FIELDS if hasattr(args, name)},
         api_keys=tuple(getattr(args, "api_key", None) or ()),
         model_aliases=tuple(getattr(args, "model_alias", None) or ()),
+        cors_origins=tuple(getattr(args, "cors_origin", None) or ()),
+        **rest,
         engine=engine,
         image_store=image_store_from_args(args),
     )
@@ -442,6 +493,10 @@ def _role(args: argparse.Namespace, config: GatewayConfig):
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "upscale":
+        from .cli_upscale import main as upscale_main
+
+        return upscale_main(args, engine_config_from_args)
     level = args.log_level.upper()
     if level not in LOG_LEVELS:
         print(f"latent-upscaler: --log-level must be one of {', '.join(LOG_LEVELS)}", file=sys.stderr)

@@ -2,7 +2,9 @@
 
 WebSocket at ``/``, ``/v1`` and ``/v1/`` (query strings ignored); plain HTTP on the
 same port through websockets' ``process_request``: the ``GET`` endpoints of
-:mod:`gateway.routes` (images, health, readiness, stats, the playground).
+:mod:`gateway.routes` (images, health, readiness, stats, the playground). With ``http_port``
+set, the REST transport (:mod:`gateway.rest`) on that port, with the same ``GET``
+endpoints, the same gateway and the same failed-authentication limiter.
 
 Shutdown is a procedure, like websockets' ``Server.close()``: stop accepting, let
 in-flight tasks finish within a grace period, close sockets with 1001, stop the engine.
@@ -27,6 +29,7 @@ from .connection import AuthLimiter, Connection
 from .delivery import Gateway
 from .http import Outbound
 from .images import ImageStore, image_store
+from .rest import RestServer
 from .routes import BufferBudget, HttpResponse, Routes, text
 from .state import GatewayState
 
@@ -74,6 +77,7 @@ class GatewayServer:
         self.whole_bodies = BufferBudget(WHOLE_BODY_BUDGET)
         self.connections: set[Connection] = set()
         self._server: Server | None = None
+        self.rest: RestServer | None = None
 
     async def __aenter__(self) -> GatewayServer:
         await self.start()
@@ -90,6 +94,12 @@ class GatewayServer:
     @property
     def url(self) -> str:
         return f"ws://{self.config.host}:{self.port}/v1"
+
+    @property
+    def http_url(self) -> str:
+        """The REST endpoint (``http_port`` must be set)."""
+        assert self.rest is not None, "no REST port: set GatewayConfig.http_port"
+        return f"http://{self.config.host}:{self.config.http_port}/v1"
 
     async def start(self) -> None:
         if not self.config.api_keys:
@@ -119,6 +129,11 @@ class GatewayServer:
         if self.config.port == 0:  # an ephemeral port: URLs must name the real one
             self.config.port = self.port
         logger.info("serving on ws://%s:%d/v1", self.config.host, self.port)
+        if self.config.http_port is not None:
+            self.rest = RestServer(self.gateway, self.limiter, self.routes)
+            await self.rest.start(self.config.host, self.config.http_port)
+            self.config.http_port = self.rest.port  # (the real one, if it was 0)
+            logger.info("serving REST on %s", self.http_url)
 
     async def close(self, grace: float | None = None) -> None:
         """Stop accepting, finish in-flight tasks within ``grace`` seconds, then close."""
@@ -126,6 +141,8 @@ class GatewayServer:
             return
         grace = self.config.shutdown_grace if grace is None else grace
         self._server.close(close_connections=False)
+        if self.rest is not None:
+            await self.rest.stop_accepting()
         deadline = time.monotonic() + grace
         while self.gateway.busy and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
@@ -133,7 +150,9 @@ class GatewayServer:
             # Let queued results reach their clients before the close frame.
             connection._close_after_flush(1001, "server shutting down")
         await asyncio.wait_for(self._server.wait_closed(), timeout=10)
-        await self.gateway.close()
+        await self.gateway.close()  # REST requests still waiting get their tasks' taskAborted
+        if self.rest is not None:
+            await self.rest.close()
         self._server = None
 
     async def _handle(self, ws: ServerConnection) -> None:

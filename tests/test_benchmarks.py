@@ -46,6 +46,15 @@ def test_gateway_overhead_smoke(tmp_path):
     out = tmp_path / "overhead.json"
     report = run_smoke("gateway_overhead.py", out, timeout=300)
     assert report["all_exactly_once"] and report["throughput_ratio"] > 0
+    rest = report["runs"]["gateway-rest"]["saturated"]
+    assert report["rest_throughput_ratio"] > 0 and rest["succeeded"] == rest["tasks"]
+
+
+def test_http_transports_smoke(tmp_path):
+    out = tmp_path / "transports.json"
+    report = run_smoke("http_transports.py", out, timeout=300)
+    assert report["all_exactly_once"]
+    assert set(report["throughput_vs_websockets"]) == {"websockets-ws", "aiohttp-ws", "aiohttp-rest"}
 
 
 @pytest.mark.cluster
@@ -117,3 +126,19 @@ def test_short_soak(tmp_path):
     assert report["tasks"] > 10 and report["drops_and_resumes"] > 0
     assert report["unanswered"] == 0 and report["answered_more_than_once"] == 0
     assert report["rss_growth_pct"] < 25
+
+
+@pytest.mark.sdk
+def test_cli_upscale_smoke(tmp_path):
+    """The CLI and the runware SDK (its own virtualenv, as tests/test_sdks.py builds it)
+    each upscale the same 20 images against the same server; every output written."""
+    from tests.test_sdks import _python_env
+
+    out = tmp_path / "cli.json"
+    script = ROOT / "benchmarks" / "cli_upscale.py"
+    command = [sys.executable, str(script), "--smoke", "--sdk-python", str(_python_env("legacy"))]
+    subprocess.run([*command, "--out", str(out)], check=True, timeout=300, capture_output=True)
+    report = json.loads(out.read_text())
+    assert report["summary"]["cli"]["images"] == report["summary"]["sdk"]["images"] == 20
+    assert report["cli_rss_scaled"]["images"] == 40
+    assert report["throughput_ratio_cli_over_sdk"] > 0 and report["cli_rss_ratio"] > 0
