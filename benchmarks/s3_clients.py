@@ -241,6 +241,9 @@ def main() -> None:
             print(f"{op:<11} {name:<12} {r['p50_ms']:>8.2f} {r['p99_ms']:>8.2f} {mbs:>7} {r['requests_per_s']:>7.1f} {r['cpu_ms_per_request']:>11.3f}")
     print("ratios aiobotocore / obstore:", json.dumps(report["ratios_aiobotocore_over_obstore"]))
     print(f"wrote {out}")
+    # obstore's Rust threads can abort a finalizing interpreter (see gateway.__main__._leave).
+    sys.stdout.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":

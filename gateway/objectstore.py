@@ -64,6 +64,7 @@ CHUNK = 256 * 1024  # bytes per streamed piece
 MAX_PRESIGN = 7 * 24 * 3600  # seconds: SigV4's limit on a presigned URL
 STREAM_TIMEOUT = "600s"  # one request's limit, a streamed GET to a slow reader included
 RETRIES = 3
+CLOSE_SETTLE = 0.05  # seconds close() leaves obstore's threads to finish waking the loop
 
 
 def store_unavailable(reason: str) -> TaskError:
@@ -176,6 +177,10 @@ class S3ImageStore(ImageStore):
             self._reaper.cancel()
             await asyncio.gather(self._reaper, return_exceptions=True)
             self._reaper = None
+        # obstore's Rust threads may still wake this loop just after their last answer; one
+        # that does so while the interpreter finalizes aborts the process (see __main__._leave):
+        # let them do it now.
+        await asyncio.sleep(CLOSE_SETTLE)
 
     async def _list_one(self) -> None:
         stream = self.obstore.list(self.store, chunk_size=1)  # (under the store's prefix)

@@ -164,6 +164,37 @@ async def test_get_images_serves_from_s3_streaming_large_ones(moto, bucket):
         assert server.whole_bodies.used == 0
 
 
+async def test_the_rest_port_streams_large_images_and_a_store_failing_mid_way_cuts_the_body(moto, bucket):
+    """On the REST (aiohttp) port a large image is sent as it arrives from S3: HEAD has
+    its length and no body, GET its bytes; when the store stops answering mid-body the
+    connection is dropped (the client sees a short body, never a wrong one)."""
+    large = os.urandom(24 * 2**20)  # more than the sockets between moto, gateway and client buffer
+    config = s3_gateway(moto, bucket, http_port=0, store={"timeout": 1.5})
+    async with serving(config, NullEngineClient()) as server:
+        image = await server.gateway.store.put(large, "image/png", 60)
+        page = f"http://127.0.0.1:{server.config.http_port}/images/{image.image_uuid}.png"
+        async with httpx.AsyncClient(timeout=20) as http:
+            head = await http.head(page)
+            assert head.status_code == 200 and head.headers["content-length"] == str(len(large))
+            assert head.content == b""
+            got = await http.get(page)
+            assert got.status_code == 200 and got.content == large
+            assert got.headers["content-type"] == "image/png"
+            received = 0
+            try:
+                with pytest.raises(httpx.RemoteProtocolError):
+                    async with http.stream("GET", page) as response:
+                        assert response.status_code == 200
+                        async for chunk in response.aiter_bytes():
+                            if received == 0:
+                                moto.proc.send_signal(signal.SIGSTOP)
+                            received += len(chunk)
+            finally:
+                moto.proc.send_signal(signal.SIGCONT)
+            assert 0 < received < len(large)
+            assert (await http.get(f"http://127.0.0.1:{server.config.http_port}/healthz")).status_code == 200
+
+
 # Expiry
 
 
@@ -190,6 +221,7 @@ async def test_expired_images_are_refused_at_once_and_deleted_in_the_background(
         other = S3ImageStore(s3_config(moto, bucket), MemoryExpiryIndex())
         assert await other.get(stale.image_uuid) is None
         assert (await other.get(long.image_uuid)).media_type == "image/png"
+        await other.close()
     finally:
         await store.close()
 
