@@ -60,11 +60,18 @@ class ObstoreClient:
             BUCKET,
             endpoint=endpoint,
             region=CREDENTIALS["AWS_DEFAULT_REGION"],
-            client_options={"allow_http": True, "timeout": "30s", "connect_timeout": "2s", "pool_max_idle_per_host": "64"},
+            client_options={
+                "allow_http": True,
+                "timeout": "30s",
+                "connect_timeout": "2s",
+                "pool_max_idle_per_host": "64",
+            },
         )
 
     async def put(self, key: str, data: bytes) -> None:
-        await self.obstore.put_async(self.store, key, data, attributes={"Content-Type": "image/png", "expires-at": "1"})
+        await self.obstore.put_async(
+            self.store, key, data, attributes={"Content-Type": "image/png", "expires-at": "1"}
+        )
 
     async def get(self, key: str) -> int:
         result = await self.obstore.get_async(self.store, key)
@@ -102,7 +109,9 @@ class BotocoreClient:
         self.client = await self._context.__aenter__()
 
     async def put(self, key: str, data: bytes) -> None:
-        await self.client.put_object(Bucket=BUCKET, Key=key, Body=data, ContentType="image/png", Metadata={"expires-at": "1"})
+        await self.client.put_object(
+            Bucket=BUCKET, Key=key, Body=data, ContentType="image/png", Metadata={"expires-at": "1"}
+        )
 
     async def get(self, key: str) -> int:
         response = await self.client.get_object(Bucket=BUCKET, Key=key)
@@ -197,7 +206,10 @@ async def main_async(args) -> dict:
             await boto_client.close()
         finally:
             moto.stop()
-    results = {name: {op: summarize(rounds, op, args.size) for op, rounds in ops.items()} for name, ops in raw.items()}
+    results = {
+        name: {op: summarize(rounds, op, args.size) for op, rounds in ops.items()}
+        for name, ops in raw.items()
+    }
     ratios = {
         op: {
             metric: round(results["aiobotocore"][op][metric] / results["obstore"][op][metric], 2)
@@ -218,11 +230,15 @@ async def main_async(args) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--size", type=int, default=2 * 2**20, help="object size in bytes")
     parser.add_argument("--objects", type=int, default=16, help="objects per round and client")
     parser.add_argument("--rounds", type=int, default=4, help="rounds (the clients alternate within each)")
-    parser.add_argument("--concurrency", type=int, default=8, help="requests in flight for the throughput run")
+    parser.add_argument(
+        "--concurrency", type=int, default=8, help="requests in flight for the throughput run"
+    )
     parser.add_argument("--smoke", action="store_true", help="a few seconds: small objects, one round")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "s3_clients.json"))
     args = parser.parse_args()
@@ -232,13 +248,19 @@ def main() -> None:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2))
-    print(f"\n{args.size / 2**20:.2f} MB objects, {args.rounds} rounds × {args.objects}, concurrency {args.concurrency}")
-    print(f"{'op':<11} {'client':<12} {'p50 ms':>8} {'p99 ms':>8} {'MB/s':>7} {'req/s':>7} {'CPU ms/req':>11}")
+    print(
+        f"\n{args.size / 2**20:.2f} MB objects, {args.rounds} rounds × {args.objects}, concurrency {args.concurrency}"
+    )
+    print(
+        f"{'op':<11} {'client':<12} {'p50 ms':>8} {'p99 ms':>8} {'MB/s':>7} {'req/s':>7} {'CPU ms/req':>11}"
+    )
     for op in OPS:
         for name, ops in report["results"].items():
             r = ops[op]
             mbs = "" if r["throughput_mb_s"] is None else f"{r['throughput_mb_s']:.1f}"
-            print(f"{op:<11} {name:<12} {r['p50_ms']:>8.2f} {r['p99_ms']:>8.2f} {mbs:>7} {r['requests_per_s']:>7.1f} {r['cpu_ms_per_request']:>11.3f}")
+            print(
+                f"{op:<11} {name:<12} {r['p50_ms']:>8.2f} {r['p99_ms']:>8.2f} {mbs:>7} {r['requests_per_s']:>7.1f} {r['cpu_ms_per_request']:>11.3f}"
+            )
     print("ratios aiobotocore / obstore:", json.dumps(report["ratios_aiobotocore_over_obstore"]))
     print(f"wrote {out}")
     # obstore's Rust threads can abort a finalizing interpreter (see gateway.__main__._leave).

@@ -74,7 +74,9 @@ class Completion:
                 type="string",
             ) from exc
 
-    def _item(self, task: Upscale, result: UpscaleResult, stored: StoredImage, input_uuid: str, url: str) -> dict:
+    def _item(
+        self, task: Upscale, result: UpscaleResult, stored: StoredImage, input_uuid: str, url: str
+    ) -> dict:
         item = {
             "taskType": task.taskType,
             "taskUUID": task.taskUUID,

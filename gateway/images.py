@@ -27,7 +27,15 @@ if TYPE_CHECKING:
     from .cluster.link import RedisLink
     from .config import ImageStoreConfig
 
-__all__ = ["EXTENSIONS", "ImageStore", "MemoryImageStore", "OpenedImage", "StoredImage", "image_store", "new_uuid"]
+__all__ = [
+    "EXTENSIONS",
+    "ImageStore",
+    "MemoryImageStore",
+    "OpenedImage",
+    "StoredImage",
+    "image_store",
+    "new_uuid",
+]
 
 EXTENSIONS = {"image/jpeg": "jpg", "image/png": "png", "image/webp": "webp"}
 _VARIANT = {d: "89ab"[int(d, 16) & 3] for d in "0123456789abcdef"}
@@ -108,7 +116,8 @@ class ImageStore(abc.ABC):
         image = await self.get(image_uuid)
         if image is None:
             return None
-        return OpenedImage(image.image_uuid, image.media_type, image.expires_at, len(image.data), data=image.data)
+        size = len(image.data)
+        return OpenedImage(image.image_uuid, image.media_type, image.expires_at, size, data=image.data)
 
     async def presigned_url(self, image_uuid: str) -> str | None:
         """A URL of the store itself that serves the image until it expires (stores that

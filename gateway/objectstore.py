@@ -189,7 +189,9 @@ class S3ImageStore(ImageStore):
 
     # The ImageStore interface
 
-    async def put(self, data: bytes, media_type: str, ttl: float, image_uuid: str | None = None) -> StoredImage:
+    async def put(
+        self, data: bytes, media_type: str, ttl: float, image_uuid: str | None = None
+    ) -> StoredImage:
         image = StoredImage(image_uuid or new_uuid(), data, media_type, self.clock() + ttl)
         attributes = {"Content-Type": media_type, META_EXPIRES: f"{image.expires_at:.3f}"}
         put = self.obstore.put_async(self.store, image.image_uuid, data, attributes=attributes)
@@ -274,7 +276,9 @@ class S3ImageStore(ImageStore):
 
     async def _sign(self, image_uuid: str, expires_at: float) -> str:
         seconds = min(MAX_PRESIGN, max(1, math.ceil(expires_at - self.clock())))
-        return await self._call("sign", self.obstore.sign_async(self.store, "GET", image_uuid, timedelta(seconds=seconds)))
+        return await self._call(
+            "sign", self.obstore.sign_async(self.store, "GET", image_uuid, timedelta(seconds=seconds))
+        )
 
     # Expired images
 
@@ -346,14 +350,22 @@ def _s3_store(config: ImageStoreConfig):
     }
     retry = {
         "max_retries": RETRIES,
-        "backoff": {"init_backoff": timedelta(milliseconds=100), "max_backoff": timedelta(seconds=2), "base": 2},
+        "backoff": {
+            "init_backoff": timedelta(milliseconds=100),
+            "max_backoff": timedelta(seconds=2),
+            "base": 2,
+        },
         "retry_timeout": timedelta(seconds=config.timeout),
     }
     settings = {"region": config.region or _region(), **_file_credentials()}
     if endpoint:
         settings["endpoint"] = endpoint
     return S3Store(
-        config.bucket, prefix=config.prefix or None, config=settings, client_options=options, retry_config=retry
+        config.bucket,
+        prefix=config.prefix or None,
+        config=settings,
+        client_options=options,
+        retry_config=retry,
     )
 
 
@@ -376,7 +388,10 @@ def _file_credentials() -> dict[str, str]:
     section = _ini_section(os.environ.get("AWS_SHARED_CREDENTIALS_FILE", "~/.aws/credentials"), profile)
     if "aws_access_key_id" not in section or "aws_secret_access_key" not in section:
         return {}
-    found = {"access_key_id": section["aws_access_key_id"], "secret_access_key": section["aws_secret_access_key"]}
+    found = {
+        "access_key_id": section["aws_access_key_id"],
+        "secret_access_key": section["aws_secret_access_key"],
+    }
     if section.get("aws_session_token"):
         found["session_token"] = section["aws_session_token"]
     return found
@@ -390,7 +405,9 @@ def _region() -> str:
             return os.environ[name]
     profile = os.environ.get("AWS_PROFILE", "default")
     section = profile if profile == "default" else f"profile {profile}"
-    return _ini_section(os.environ.get("AWS_CONFIG_FILE", "~/.aws/config"), section).get("region") or "us-east-1"
+    return (
+        _ini_section(os.environ.get("AWS_CONFIG_FILE", "~/.aws/config"), section).get("region") or "us-east-1"
+    )
 
 
 def _ini_section(path: str, section: str) -> dict[str, str]:

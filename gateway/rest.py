@@ -513,7 +513,9 @@ def _response(answer: HttpResponse, extra: dict[str, str]) -> web.Response:
     return web.Response(status=answer.status, body=answer.body, headers={**headers, **extra})
 
 
-async def _streamed(request: web.BaseRequest, answer: HttpResponse, extra: dict[str, str]) -> web.StreamResponse:
+async def _streamed(
+    request: web.BaseRequest, answer: HttpResponse, extra: dict[str, str]
+) -> web.StreamResponse:
     """A :mod:`gateway.routes` answer whose body is a stream, sent as it is read (never
     whole in memory). A store that fails mid-way drops the connection: the client sees a
     body shorter than its Content-Length, never a wrong one."""

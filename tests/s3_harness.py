@@ -20,7 +20,9 @@ from pathlib import Path
 
 import httpx
 
-MOTO_INSTALLED = importlib.util.find_spec("moto") is not None and importlib.util.find_spec("flask") is not None
+MOTO_INSTALLED = (
+    importlib.util.find_spec("moto") is not None and importlib.util.find_spec("flask") is not None
+)
 INSTALL_HINT = "install it with: pip install 'moto[server]' (or pip install -e '.[test]')"
 CREDENTIALS = {
     "AWS_ACCESS_KEY_ID": "testing",

@@ -97,7 +97,11 @@ async def test_every_image_kind_goes_to_s3_with_its_media_type_and_comes_back(mo
     local_http.files["/in.png"] = (png_bytes(24, 16, color=(10, 200, 10)), "image/png")
     config = s3_gateway(moto, bucket, allow_private_networks=True)  # (the URL input is on 127.0.0.1)
     async with serving(config, NullEngineClient()) as server, client(server) as c:
-        upload = {"taskType": "imageUpload", "taskUUID": str(uuid.uuid4()), "image": data_uri(png_bytes(40, 24))}
+        upload = {
+            "taskType": "imageUpload",
+            "taskUUID": str(uuid.uuid4()),
+            "image": data_uri(png_bytes(40, 24)),
+        }
         uploaded = (await c.run([upload]))[upload["taskUUID"]][-1]
         tasks = [
             upscale_task(uploaded["imageUUID"], outputType="URL", outputFormat="JPG"),
@@ -248,7 +252,11 @@ async def test_an_output_expires_end_to_end(moto, bucket):
 async def test_presigned_urls_are_image_urls_and_redirects_fetched_by_a_real_client(moto, bucket):
     config = s3_gateway(moto, bucket, output_ttl=120, store={"presign": True})
     async with serving(config, NullEngineClient()) as server, client(server) as c:
-        upload = {"taskType": "imageUpload", "taskUUID": str(uuid.uuid4()), "image": data_uri(png_bytes(30, 20))}
+        upload = {
+            "taskType": "imageUpload",
+            "taskUUID": str(uuid.uuid4()),
+            "image": data_uri(png_bytes(30, 20)),
+        }
         uploaded = (await c.run([upload]))[upload["taskUUID"]][-1]
         task = upscale_task(uploaded["imageUUID"], outputType="URL")
         item = (await c.run([task]))[task["taskUUID"]][-1]
@@ -310,7 +318,10 @@ async def test_a_store_that_stalls_or_dies_fails_its_tasks_fast_and_recovers(tmp
 async def _fails_fast(c, http: httpx.AsyncClient, page: str, server) -> None:
     """Tasks that need the store end with serviceUnavailable within its time-out (plus
     slack), GET of an image is a 503, and the rest of the server goes on."""
-    tasks = [upscale_task(), {"taskType": "imageUpload", "taskUUID": str(uuid.uuid4()), "image": data_uri(png_bytes(8, 8))}]
+    tasks = [
+        upscale_task(),
+        {"taskType": "imageUpload", "taskUUID": str(uuid.uuid4()), "image": data_uri(png_bytes(8, 8))},
+    ]
     started = time.monotonic()
     results = await c.run(tasks, timeout=20)
     assert time.monotonic() - started < 15  # bounded: no hang (the time-out is 1.5 s)
@@ -353,6 +364,41 @@ def redis_process(tmp_path):
     server = RedisProcess(tmp_path).start()
     yield server
     server.stop()
+
+
+@pytest.mark.cluster
+async def test_a_clusters_expiry_index_hands_each_expired_image_to_one_process(moto, bucket, redis_process):
+    """Two stores (two processes of a cluster) on one Redis index, with short TTLs: every
+    expired image is refused, then deleted once (by one of them); failed deletions go back."""
+    from gateway.cluster.images import RedisExpiryIndex
+    from gateway.cluster.link import RedisLink
+
+    link = RedisLink(redis_process.url, name="test")
+    await link.start()
+    index = RedisExpiryIndex(link)
+    stores = [S3ImageStore(s3_config(moto, bucket), index, reap_every=0.2) for _ in range(2)]
+    try:
+        images = [await stores[i % 2].put(png_bytes(6, 6), "image/png", 0.5) for i in range(10)]
+        kept = await stores[0].put(png_bytes(6, 6), "image/png", 60)
+        assert await index.expires_at(kept.image_uuid) == pytest.approx(kept.expires_at, abs=0.01)
+        assert (await stores[1].get(images[0].image_uuid)).data == images[0].data  # either reads any
+        await asyncio.sleep(0.6)
+        assert await stores[1].get(images[1].image_uuid) is None  # refused before it is deleted
+        for store in stores:
+            await store.start()
+        for image in images:
+            await _until(lambda u=image.image_uuid: _gone(moto, bucket, u))
+        assert sum(store.counts["deleted"] for store in stores) == len(images)  # each once
+        assert await index.take_due(time.time(), 100) == []
+        assert (await stores[0].get(kept.image_uuid)).data == kept.data
+        # A deletion that failed goes back, without moving a later expiry earlier.
+        await index.put_back([(kept.image_uuid, 1.0), ("gone-for-now", 2.0)])
+        assert await index.expires_at(kept.image_uuid) == pytest.approx(kept.expires_at, abs=0.01)
+        assert await index.take_due(time.time(), 100) == [("gone-for-now", 2.0)]
+    finally:
+        for store in stores:
+            await store.close()
+        await link.close()
 
 
 @pytest.mark.cluster
@@ -423,7 +469,7 @@ async def _holds(worker, count: int) -> bool:
 # Configuration
 
 
-def test_image_store_flags_and_their_checks(tmp_path, moto, aws_env):
+def test_image_store_flags_and_their_checks(tmp_path, moto, aws_env, monkeypatch):
     from gateway.__main__ import build_parser, config_from_args
 
     args = build_parser().parse_args(
@@ -432,6 +478,14 @@ def test_image_store_flags_and_their_checks(tmp_path, moto, aws_env):
     store = config_from_args(args).image_store
     assert (store.kind, store.bucket, store.prefix, store.presign) == ("s3", "bkt", "a/b", True)
     assert config_from_args(build_parser().parse_args(["serve"])).image_store.kind == "memory"
+    monkeypatch.setenv("LATENT_UPSCALER_IMAGE_STORE", "s3://from-env/p")
+    monkeypatch.setenv("LATENT_UPSCALER_S3_PRESIGN", "true")
+    monkeypatch.setenv("LATENT_UPSCALER_S3_TIMEOUT", "2.5")
+    store = config_from_args(
+        build_parser().parse_args(["worker", "--redis-url", "redis://x:1/0"])
+    ).image_store
+    assert (store.bucket, store.prefix, store.presign, store.timeout) == ("from-env", "p", True, 2.5)
+    monkeypatch.delenv("LATENT_UPSCALER_IMAGE_STORE")
     gateway = build_parser().parse_args(["gateway", "--redis-url", "redis://127.0.0.1:1/0"])
     assert config_from_args(gateway).image_store.kind == "redis"
     for bad in ("s3://", "file:///tmp", "S3"):
@@ -458,16 +512,22 @@ def test_credentials_come_from_the_environment_or_the_shared_file(tmp_path, monk
 
     for name in [n for n in os.environ if n.startswith("AWS_")]:
         monkeypatch.delenv(name)
-    (tmp_path / "credentials").write_text("[default]\naws_access_key_id = A\naws_secret_access_key = B\n"
-                                          "[ops]\naws_access_key_id = C\naws_secret_access_key = D\n"
-                                          "aws_session_token = T\n")
+    (tmp_path / "credentials").write_text(
+        "[default]\naws_access_key_id = A\naws_secret_access_key = B\n"
+        "[ops]\naws_access_key_id = C\naws_secret_access_key = D\n"
+        "aws_session_token = T\n"
+    )
     (tmp_path / "config").write_text("[profile ops]\nregion = eu-west-3\n")
     monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "credentials"))
     monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "config"))
     assert objectstore._file_credentials() == {"access_key_id": "A", "secret_access_key": "B"}
     assert objectstore._region() == "us-east-1"
     monkeypatch.setenv("AWS_PROFILE", "ops")
-    assert objectstore._file_credentials() == {"access_key_id": "C", "secret_access_key": "D", "session_token": "T"}
+    assert objectstore._file_credentials() == {
+        "access_key_id": "C",
+        "secret_access_key": "D",
+        "session_token": "T",
+    }
     assert objectstore._region() == "eu-west-3"
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "E")  # the environment wins: obstore reads it itself
     assert objectstore._file_credentials() == {}

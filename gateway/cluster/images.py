@@ -69,7 +69,7 @@ class RedisExpiryIndex(ExpiryIndex):
         try:
             await guarded(self.link.redis.zadd(keys.IMAGE_EXPIRY, {name: expires_at}))
         except ClusterUnavailable as exc:
-            logger.warning("image %s not indexed for deletion (%s): the lifecycle rule will delete it", name, exc)
+            logger.warning("image %s not indexed for deletion (%s): the lifecycle rule deletes it", name, exc)
 
     async def expires_at(self, name: str) -> float | None:
         try:

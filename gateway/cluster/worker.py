@@ -432,4 +432,5 @@ class Worker:
             "held_rows": sum(used.values()),
             "redelivered": self.redelivered,
             "dead_lettered": self.dead_lettered,
+            **({"image_store": store} if (store := self.store.stats()) else {}),
         }
