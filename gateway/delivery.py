@@ -440,7 +440,11 @@ class Gateway:
         )
 
     async def get_response(self, peer: Peer, task: GetResponse) -> None:
-        record = await self.state.lookup(peer.api_key, task.taskUUID)
+        try:
+            record = await self.state.lookup(peer.api_key, task.taskUUID)
+        except TaskError as error:  # the cluster's Redis cannot be reached (serviceUnavailable)
+            peer.send(error_frame(error.for_task("getResponse", task.taskUUID)))
+            return
         if record is None:
             error = TaskError(
                 "invalidTaskUUID",
@@ -458,7 +462,10 @@ class Gateway:
         """A task's current state as ``getResponse`` answers it: its result, its error, or
         a processing item with its progress."""
         if record.status == "success":
-            return data_frame(await self.completion.with_payload(record.item))
+            try:
+                return data_frame(await self.completion.with_payload(record.item))
+            except TaskError as error:  # its payload is in a store that cannot be reached
+                return error_frame(error.for_task(record.task_type, record.task_uuid))
         if record.status == "error":
             return error_frame(record.error)
         return data_frame(progress_item(record, record.progress))

@@ -294,15 +294,19 @@ async def test_a_store_that_stalls_or_dies_fails_its_tasks_fast_and_recovers(tmp
             before = upscale_task(outputType="URL")
             item = (await c.run([before]))[before["taskUUID"]][-1]
             assert item["status"] == "success"
+            polled = upscale_task(deliveryMethod="async")  # its base64 payload is in the store
+            await c.send([polled])
+            await c.recv()
+            assert (await _poll(c, polled["taskUUID"]))["status"] == "success"
             page = f"http://127.0.0.1:{server.port}/images/{item['imageUUID']}.png"
             async with httpx.AsyncClient(timeout=10) as http:
                 moto.proc.send_signal(signal.SIGSTOP)  # slow: it accepts, never answers
                 try:
-                    await _fails_fast(c, http, page, server)
+                    await _fails_fast(c, http, page, server, polled["taskUUID"])
                 finally:
                     moto.proc.send_signal(signal.SIGCONT)
                 moto.stop()  # gone: connections refused
-                await _fails_fast(c, http, page, server)
+                await _fails_fast(c, http, page, server, polled["taskUUID"])
                 assert not server.gateway.store.healthy
                 moto.start()  # back, on the same port (empty, as moto keeps nothing)
                 moto.create_bucket("gone")
@@ -315,7 +319,7 @@ async def test_a_store_that_stalls_or_dies_fails_its_tasks_fast_and_recovers(tmp
         moto.stop()
 
 
-async def _fails_fast(c, http: httpx.AsyncClient, page: str, server) -> None:
+async def _fails_fast(c, http: httpx.AsyncClient, page: str, server, polled: str) -> None:
     """Tasks that need the store end with serviceUnavailable within its time-out (plus
     slack), GET of an image is a 503, and the rest of the server goes on."""
     tasks = [
@@ -329,6 +333,8 @@ async def _fails_fast(c, http: httpx.AsyncClient, page: str, server) -> None:
         error = results[t["taskUUID"]][-1]
         assert error["code"] == "serviceUnavailable" and "image store" in error["message"], error
     assert (await http.get(page)).status_code == 503
+    error = await c.error([{"taskType": "getResponse", "taskUUID": polled}])  # its payload is in the store
+    assert error["code"] == "serviceUnavailable" and error["taskUUID"] == polled, error
     await c.send([{"taskType": "ping", "ping": True}])
     assert (await c.recv())["data"][0]["pong"] is True
     assert (await http.get(f"http://127.0.0.1:{server.port}/healthz")).status_code == 200
