@@ -18,9 +18,9 @@ import orjson
 from engine.client import InprocEngineClient
 
 from ..config import ClusterConfig, GatewayConfig
+from ..images import image_store
 from ..routes import HttpResponse, text
 from ..server import GatewayServer, serve_http_only
-from .images import RedisImageStore
 from .link import RedisLink
 from .queue import RedisEngineClient
 from .state import RedisState
@@ -40,7 +40,8 @@ def gateway_server(config: GatewayConfig, cluster: ClusterConfig, link: RedisLin
     engine = RedisEngineClient(
         link, state, max_queued=cluster.max_queued, unavailable_after=cluster.claim_timeout
     )
-    return GatewayServer(config, engine, store=RedisImageStore(link), state=state)
+    store = image_store(config.image_store, link=link)  # Redis, or S3 with its expiry index on Redis
+    return GatewayServer(config, engine, store=store, state=state)
 
 
 async def run_gateway(config: GatewayConfig, cluster: ClusterConfig, stop: asyncio.Event) -> None:

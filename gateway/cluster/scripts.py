@@ -22,6 +22,8 @@ a retried call after a failover).
   outbox (the owning gateway is told), its webhook queued, its gateway told.
 - :data:`PROGRESS`, :data:`OPEN`, :data:`TAKE`, :data:`DETACH`, :data:`KEEP` — progress
   and the session's outbox: open or resume, hand out new frames once, let go.
+- :data:`IMAGES_DUE` — images in S3 whose time is up, taken off the expiry index (each
+  by one process, which deletes them).
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ NAMES = (
     "TAKE",
     "DETACH",
     "KEEP",
+    "IMAGES_DUE",
 )
 
 # Shared Lua: append a frame to session SID's outbox if the session still exists, keep
@@ -61,7 +64,8 @@ end
 # The delivery is counted first, so a worker that dies on it has used one up. Returns
 # {verdict, context, session id, async, taskType, runs, input media type, input bytes};
 # verdict is run, poison (past max deliveries), done (answered already: drop the entry)
-# or gone (no record: Redis lost it). The input image comes along (one round trip).
+# or gone (no record: Redis lost it). The input image comes along (one round trip), when
+# images are in Redis (image_prefix '' when they are in S3: the worker reads it there).
 _BEGIN = """
 local function begin(task_key, max_deliveries, worker, image_prefix, suffix)
   local f = redis.call('HMGET', task_key, 'status', 'ctx', 'sid', 'async', 'type')
@@ -73,7 +77,7 @@ local function begin(task_key, max_deliveries, worker, image_prefix, suffix)
   if runs > tonumber(max_deliveries) then verdict = 'poison' end
   local media, data = '', ''
   local ok, ctx = pcall(cjson.decode, f[2] or '')
-  if verdict == 'run' and ok and ctx['input'] then
+  if verdict == 'run' and ok and ctx['input'] and image_prefix ~= '' then  -- '': not in Redis
     local image = redis.call('HMGET', image_prefix .. ctx['input'] .. suffix, 't', 'd')
     media, data = image[1] or '', image[2] or ''
   end
@@ -329,3 +333,11 @@ append(ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6], ARGV[7], ARGV[8], A
 return 1
 """
 )
+
+# KEYS: the image expiry index. ARGV: now (seconds), count.
+# Returns {uuid, expiry, ...} of up to count images due by now, removed from the index.
+IMAGES_DUE = """
+local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'WITHSCORES', 'LIMIT', 0, ARGV[2])
+for i = 1, #due, 2 do redis.call('ZREM', KEYS[1], due[i]) end
+return due
+"""

@@ -9,7 +9,8 @@ as ``serve``):
   rows (the one whose oldest entry waited longest), or when that entry has waited
   ``STARVE_AFTER`` and nobody idle took it. It never pulls ahead "just in case".
   Each entry is then ``START``-ed (a delivery counted: past ``max_deliveries`` the task
-  is poison and ends with an error), its input read from the image store, and submitted.
+  is poison and ends with an error), its input read from the image store (in the same
+  step when images are in Redis; from S3 after it otherwise), and submitted.
 - **outputs** — progress (a request whose last step is done frees its rows and wakes
   the pull), and each terminal output completed here as in ``serve``
   (``completion.py``) and recorded by ``FINISH``: exactly once, whoever finishes first.
@@ -39,7 +40,7 @@ from ..config import ClusterConfig, GatewayConfig
 from ..delivery import engine_request
 from ..errors import TaskError, internal_error
 from ..http import Outbound
-from ..images import StoredImage
+from ..images import StoredImage, image_store
 from ..protocol import Upscale
 from ..session import Session, TaskRecord
 from . import keys
@@ -86,7 +87,11 @@ class Worker:
         self.link = link
         self.id = cluster.member_id
         self.max_rows = config.engine.max_batch_rows
-        self.store = RedisImageStore(link)
+        self.store = image_store(config.image_store, link=link)
+        # Images in Redis: the input comes with START and the output goes with FINISH
+        # (one round trip each); in S3, they are read and written on their own.
+        self.images_in_redis = isinstance(self.store, RedisImageStore)
+        self._image_prefix = keys.image("")[:-1] if self.images_in_redis else ""
         self.state = RedisState(
             link,
             member_id=self.id,
@@ -110,6 +115,7 @@ class Worker:
     # Lifecycle
 
     async def start(self) -> None:
+        await self.store.start()
         await self.engine.start()
         await self.state.start()
         await self._heartbeat()  # before its first pull: a consumer without one looks dead
@@ -138,6 +144,7 @@ class Worker:
             job.cancel()
         await asyncio.gather(*self._jobs, return_exceptions=True)
         await self.state.close()
+        await self.store.close()
         await self.outbound.aclose()
 
     def _spawn(self, coro) -> None:
@@ -177,18 +184,20 @@ class Worker:
         starve = 0 if not used else int(STARVE_AFTER * 1000)
         suffix = "}"
         args = [self.id, self.max_rows, starve, keys.queue("")[:-1], suffix, self.cluster.max_deliveries]
-        args += [keys.task("")[:-1], keys.image("")[:-1], *pairs]
+        args += [keys.task("")[:-1], self._image_prefix, *pairs]
         taken = await self.link.script("PULL", [keys.SHAPES], args)
+        starts = []
         for shape, entry, task_uuid, rows, *began in taken:
             held = _Held(task_uuid.decode(), shape.decode(), int(rows), entry.decode())
             self.held[held.task_uuid] = held
-            await self._start(held, began)
+            starts.append(self._start(held, began))
+        await asyncio.gather(*starts)  # (inputs in S3 are read concurrently; in order otherwise)
 
     async def _take_over(self, taken: list[_Held]) -> None:
         """Begin entries taken over from a silent worker (``START``, one round trip)."""
         for held in taken:
             self.held[held.task_uuid] = held
-        args = [self.cluster.max_deliveries, self.id, keys.image("")[:-1], "}"]
+        args = [self.cluster.max_deliveries, self.id, self._image_prefix, "}"]
         try:
             answers = await self.link.script("START", [keys.task(h.task_uuid) for h in taken], args)
         except ClusterUnavailable:
@@ -196,8 +205,7 @@ class Worker:
                 self.held.pop(held.task_uuid, None)
             raise
         self.redelivered += len(taken)
-        for held, began in zip(taken, answers):
-            await self._start(held, began)
+        await asyncio.gather(*(self._start(held, began) for held, began in zip(taken, answers)))
 
     async def _start(self, held: _Held, began: list) -> None:
         try:
@@ -228,6 +236,11 @@ class Worker:
             logger.error("task %s: %s", held.task_uuid, message)
             self._end(held, TaskError(str(ErrorCode.RETRIES_EXHAUSTED), message))
             return
+        if not media_type and not self.images_in_redis:
+            stored = await self._read_input(held)
+            if stored is None:
+                return
+            media_type, data = stored.media_type, stored.data
         if not media_type:
             error = TaskError(
                 "invalidInputImage",
@@ -240,6 +253,16 @@ class Worker:
         request = engine_request(held.task_uuid, held.task, data, held.task.settings.seed or 0)
         # Progress tells this worker when a request leaves the UNet (its rows are free).
         self.engine.submit(dataclasses.replace(request, want_progress=True))
+
+    async def _read_input(self, held: _Held) -> StoredImage | None:
+        """The task's input from S3; None when the task was ended instead (the store
+        cannot be reached: the task gets that error)."""
+        try:
+            stored = await self.store.get(held.input_uuid)
+        except TaskError as error:
+            self._end(held, error)
+            return None
+        return stored or StoredImage(held.input_uuid, b"", "", 0.0)  # (gone: "expired" below)
 
     async def _drop_entry(self, held: _Held) -> None:
         async with self.link.redis.pipeline(transaction=True) as pipe:
@@ -270,7 +293,8 @@ class Worker:
 
     async def _complete(self, held: _Held, output: UpscaleResult | EngineError) -> None:
         assert held.task is not None
-        unsaved: list = []  # the output image, written with the outcome (see Completion.outcome)
+        # Images in Redis: the output image is written with the outcome (see Completion.outcome).
+        unsaved: list | None = [] if self.images_in_redis else None
         try:
             item = await self.completion.outcome(
                 held.task, output, held.input_uuid, held.base_url, unsaved=unsaved
@@ -282,7 +306,7 @@ class Worker:
             logger.exception("completing task %s failed", held.task_uuid)
             await self._finish(held, error=internal_error(held.task.taskType, held.task_uuid))
         else:
-            await self._finish(held, item=item, image=unsaved[0])
+            await self._finish(held, item=item, image=unsaved[0] if unsaved else None)
 
     def _end(self, held: _Held, error: TaskError) -> None:
         task_type = held.task.taskType if held.task else None
@@ -426,4 +450,5 @@ class Worker:
             "held_rows": sum(used.values()),
             "redelivered": self.redelivered,
             "dead_lettered": self.dead_lettered,
+            **({"image_store": store} if (store := self.store.stats()) else {}),
         }
