@@ -22,6 +22,7 @@ ENV_PREFIX = "LATENT_UPSCALER_"
 BATCHING = ("continuous", "static")
 GROUP_POLICIES = ("deadline", "round-robin")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+LOG_FORMATS = ("text", "json")
 
 
 def _env_name(flag: str) -> str:
@@ -64,6 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     for add in (_model_flags, _network_flags, _auth_flags, _batching_flags, _limit_flags, _time_flags):
         add(s)
     _outbound_flags(s)
+    _observability_flags(s, "on the --port")
     g = sub.add_parser(
         "gateway",
         help="cluster: a front end (sockets, HTTP) on Redis; loads no model",
@@ -83,6 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _model_alias_flag(group)
     _outbound_flags(g)
+    _observability_flags(g, "on the --port")
     w = sub.add_parser(
         "worker",
         help="cluster: one engine pulling work from Redis",
@@ -110,6 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     _flag(group, "--session-ttl", type=float, default=120.0, help="seconds undelivered results wait for a resume")
     _flag(group, "--shutdown-grace", type=float, default=30.0, help="seconds held tasks get on SIGTERM")
     _outbound_flags(w)
+    _observability_flags(w, "on the --http-port")
     return parser
 
 
@@ -240,6 +244,32 @@ def _outbound_flags(parser) -> None:
     )
 
 
+def _observability_flags(parser, where: str) -> None:
+    g = parser.add_argument_group("logs and metrics")
+    _flag(
+        g,
+        "--log-format",
+        default="text",
+        choices=LOG_FORMATS,
+        help="'text' (one line per record) or 'json' (one JSON object per line, with taskUUID, "
+        "connectionSessionUUID, worker id and error code where they apply, and a line per task)",
+    )
+    _flag(
+        g,
+        "--metrics",
+        type=bool,
+        default=True,
+        help=f"Prometheus metrics at GET /metrics ({where}, no API key); --no-metrics keeps none",
+    )
+    _flag(
+        g,
+        "--metrics-port",
+        type=int,
+        help="serve /metrics on this port instead (same --host), e.g. one only the monitoring network "
+        "reaches",
+    )
+
+
 def _cluster_flags(parser) -> None:
     g = parser.add_argument_group("cluster")
     _flag(
@@ -306,8 +336,15 @@ _GATEWAY_FIELDS = (
     "shutdown_grace",
     "allow_private_networks",
     "price_per_gpu_hour",
+    "metrics",
+    "metrics_port",
 )
-_CHOICES = {"batching": BATCHING, "group_policy": GROUP_POLICIES, "vae_overlap": VAE_OVERLAP}
+_CHOICES = {
+    "batching": BATCHING,
+    "group_policy": GROUP_POLICIES,
+    "vae_overlap": VAE_OVERLAP,
+    "log_format": LOG_FORMATS,
+}
 
 
 def config_from_args(args: argparse.Namespace) -> GatewayConfig:
@@ -374,11 +411,14 @@ def _role(args: argparse.Namespace, config: GatewayConfig):
             await serve_until_signalled(config, stop)
 
         return serve
+    from . import logs
     from .cluster import roles
 
     cluster = cluster_from_args(args)
     if args.command == "gateway":
+        logs.set_process_fields(gatewayId=cluster.member_id)
         return lambda stop: roles.run_gateway(config, cluster, stop)
+    logs.set_process_fields(workerId=cluster.member_id)
     return lambda stop: roles.run_worker(config, cluster, stop, http_port=args.http_port)
 
 
@@ -388,11 +428,18 @@ def main(argv: list[str] | None = None) -> int:
     if level not in LOG_LEVELS:
         print(f"latent-upscaler: --log-level must be one of {', '.join(LOG_LEVELS)}", file=sys.stderr)
         return 2
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from engine.loader import ModelLoadError
+    from . import logs
 
     try:
         config = config_from_args(args)
+        # Before anything imports huggingface_hub (it reads its progress-bar switch once).
+        logs.configure(level, args.log_format, secrets=config.api_keys)
+    except ValueError as exc:
+        print(f"latent-upscaler: {exc}", file=sys.stderr)
+        return 2
+    from engine.loader import ModelLoadError
+
+    try:
         asyncio.run(run_until_signalled(_role(args, config)))
     except ModelLoadError as exc:
         print(f"latent-upscaler: {exc}", file=sys.stderr)

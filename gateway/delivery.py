@@ -25,6 +25,7 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
+from dataclasses import field as dataclass_field
 
 import orjson
 
@@ -40,12 +41,14 @@ from engine.api import (
 )
 from engine.client import EngineClient, EngineOverloaded, EngineUnavailable
 
+from . import logs
 from .completion import Completion, image_url, shutdown_error
 from .config import GatewayConfig
 from .errors import TaskError, internal_error
 from .http import Outbound, OutboundError
 from .images import ImageStore, MemoryImageStore, StoredImage
 from .inputs import Inputs, is_url
+from .metrics import Metrics
 from .protocol import GetResponse, ImageUpload, Upscale, data_frame, error_frame
 from .session import SessionStore, TaskRecord
 from .state import GatewayState, LocalState, Peer
@@ -63,6 +66,8 @@ class _Pending:
     task: Upscale
     peer: Peer
     input_uuid: str = ""
+    accepted: float = dataclass_field(default_factory=time.monotonic)  # for its latency and log line
+    submitted: float | None = None  # when it reached the engine
 
 
 class Gateway:
@@ -75,7 +80,10 @@ class Gateway:
         store: ImageStore | None = None,
         state: GatewayState | None = None,
         outbound: Outbound | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
+        """``metrics``: where tasks, outbound requests and the engine's events are
+        counted (:mod:`gateway.metrics`); None (``--no-metrics``) counts nothing."""
         self.config = config
         self.engine = engine
         self.clock = clock
@@ -86,6 +94,11 @@ class Gateway:
         self.outbound = outbound or Outbound(
             allow_private=config.allow_private_networks, timeout=config.url_timeout
         )
+        self.metrics = metrics
+        if metrics is not None:
+            metrics.watch_engine(engine)
+            self.outbound.observe = metrics.outbound_done
+        self._stages: logs.EngineStages | None = None  # the engine's timings, for task lines
         self.inputs = Inputs(self.store, self.outbound, max_bytes=config.max_input_bytes, ttl=config.output_ttl)
         self.completion = Completion(
             self.store,
@@ -104,6 +117,10 @@ class Gateway:
     # Lifecycle
 
     async def start(self) -> None:
+        observers = getattr(self.engine, "observers", None)
+        if observers is not None and logs.task_lines_enabled():
+            self._stages = logs.EngineStages()
+            observers.add(self._stages.observe)
         await self.state.start()
         await self.engine.start()
         self._dispatcher = asyncio.create_task(self._dispatch(), name="engine-outputs")
@@ -152,6 +169,7 @@ class Gateway:
         """Admit an upscale task (checks that need no I/O happen here, in frame order)."""
         needs_io = task.webhookURL or task.uploadEndpoint or is_url(task.image)  # DNS or a download
         storing = None
+        received = time.monotonic()
         try:
             self._check_upscale(peer, task)
             assert peer.session is not None
@@ -171,11 +189,12 @@ class Gateway:
             if storing is not None:
                 storing.add_done_callback(_consume)
             peer.send(error_frame(error.for_task(task.taskType, task.taskUUID)))
+            self._refused(task, error, peer, received)
             return
         peer.in_flight += 1
         if record.deliver_async:
             peer.send(data_frame({"taskType": task.taskType, "taskUUID": task.taskUUID}))
-        pending = _Pending(record, task, peer)
+        pending = _Pending(record, task, peer, accepted=received)
         if needs_io:
             self.spawn(self._run_upscale(pending))
             return
@@ -247,6 +266,7 @@ class Gateway:
         request = engine_request(request_id, task, stored.data, seed, **remote)
         # Registered before submit(): an engine may answer before submit() returns.
         self._pending[request_id] = pending
+        pending.submitted = time.monotonic()
         try:
             self.engine.submit(request)
         except Exception as exc:
@@ -272,7 +292,15 @@ class Gateway:
         task = pending.task
         pending.peer.in_flight -= 1
         error = None if exc is None else self._as_task_error(task, exc)
-        await self.finish(pending.record, task, item=item, error=error, origin=pending.peer)
+        await self.finish(
+            pending.record,
+            task,
+            item=item,
+            error=error,
+            origin=pending.peer,
+            accepted=pending.accepted,
+            submitted=pending.submitted,
+        )
 
     @staticmethod
     def _as_task_error(task: Upscale, exc: BaseException) -> TaskError:
@@ -291,13 +319,53 @@ class Gateway:
         item: dict | None = None,
         error: TaskError | None = None,
         origin: Peer | None = None,
+        accepted: float | None = None,
+        submitted: float | None = None,
     ) -> None:
-        """Record and deliver a task's terminal item (once), then post its webhook."""
+        """Record and deliver a task's terminal item (once), then post its webhook.
+        ``accepted`` and ``submitted`` (``time.monotonic()``: when the task was accepted
+        and when it reached the engine) time it in the metrics and its log line."""
         webhook = task.webhookURL
         if not await self.state.finish(record, item=item, error=error, origin=origin, webhook=webhook):
             return
         if webhook and not self.state.queues_webhooks:
             self.spawn(self.post_webhook(webhook, item if error is None else error.to_wire()))
+        self._ended(record, task, error, accepted, submitted)
+
+    def _ended(
+        self, record: TaskRecord, task: Upscale, error: TaskError | None, accepted: float | None, submitted: float | None
+    ) -> None:
+        """Count a task's end and write its line (with timings by stage when known)."""
+        code = None if error is None else error.code
+        total = None if accepted is None else time.monotonic() - accepted
+        if self.metrics is not None:
+            self.metrics.task_ended(task.taskType, code, deliver_async=record.deliver_async, seconds=total)
+        done = self._stages.pop(task.taskUUID) if self._stages is not None else None
+        if total is not None and logs.task_lines_enabled():
+            before_engine = None if submitted is None else submitted - accepted
+            logs.task_ended(
+                task.taskUUID,
+                task.taskType,
+                code=code,
+                deliver_async=record.deliver_async,
+                session_id=record.session.session_id,
+                seconds=logs.stage_seconds(total, before_engine=before_engine, done=done),
+            )
+
+    def _refused(self, task: Upscale | ImageUpload, error: TaskError, peer: Peer, received: float) -> None:
+        """A task refused before it was accepted (no record): counted, not timed."""
+        deliver_async = getattr(task, "deliveryMethod", "sync") == "async"
+        if self.metrics is not None:
+            self.metrics.task_ended(task.taskType, error.code, deliver_async=deliver_async, seconds=None)
+        if logs.task_lines_enabled():
+            logs.task_ended(
+                task.taskUUID,
+                task.taskType,
+                code=error.code,
+                deliver_async=deliver_async,
+                session_id=peer.session.session_id if peer.session is not None else None,
+                seconds={"total": round(time.monotonic() - received, 6)},
+            )
 
     async def post_webhook(self, url: str, body: dict) -> bool:
         """POST a result item (retried per the outbound policy); False if it never got through."""
@@ -364,6 +432,7 @@ class Gateway:
             self._check_in_flight_limits(peer)
         except TaskError as error:
             peer.send(error_frame(error.for_task("imageUpload", task.taskUUID)))
+            self._refused(task, error, peer, time.monotonic())
             return
         peer.in_flight += 1
         self._uploads[peer.api_key] += 1
@@ -371,9 +440,13 @@ class Gateway:
 
     async def _run_image_upload(self, peer: Peer, task: ImageUpload) -> None:
         key = peer.api_key
+        received = time.monotonic()
+        code: str | None = "internalError"
         try:
-            peer.send(await self._image_upload_frame(task))
+            frame, code = await self._image_upload_frame(task)
+            peer.send(frame)
         except asyncio.CancelledError:
+            code = "taskAborted"
             peer.send(error_frame(shutdown_error(task.taskUUID, "imageUpload")))
             raise
         except Exception:
@@ -384,9 +457,24 @@ class Gateway:
             self._uploads[key] -= 1
             if not self._uploads[key]:
                 del self._uploads[key]
+            self._upload_ended(task, code, peer, received)
 
-    async def _image_upload_frame(self, task: ImageUpload) -> bytes:
-        """The answer to an imageUpload: the stored image's UUID, or why it was refused."""
+    def _upload_ended(self, task: ImageUpload, code: str | None, peer: Peer, received: float) -> None:
+        if self.metrics is not None:
+            self.metrics.task_ended("imageUpload", code, deliver_async=False, seconds=None)
+        if logs.task_lines_enabled():
+            logs.task_ended(
+                task.taskUUID,
+                "imageUpload",
+                code=code,
+                deliver_async=False,
+                session_id=peer.session.session_id if peer.session is not None else None,
+                seconds={"total": round(time.monotonic() - received, 6)},
+            )
+
+    async def _image_upload_frame(self, task: ImageUpload) -> tuple[bytes, str | None]:
+        """The answer to an imageUpload (the stored image's UUID, or why it was
+        refused) and its error code (None: stored)."""
         try:
             stored = await self.inputs.resolve(task.image, "image")
             await asyncio.to_thread(
@@ -397,10 +485,10 @@ class Gateway:
             )
         except codecs.ImageError as exc:
             error = TaskError(str(exc.code), str(exc), parameter="image", type="string")
-            return error_frame(error.for_task("imageUpload", task.taskUUID))
+            return error_frame(error.for_task("imageUpload", task.taskUUID)), error.code
         except TaskError as error:
-            return error_frame(error.for_task("imageUpload", task.taskUUID))
-        return data_frame(
+            return error_frame(error.for_task("imageUpload", task.taskUUID)), error.code
+        frame = data_frame(
             {
                 "taskType": "imageUpload",
                 "taskUUID": task.taskUUID,
@@ -408,6 +496,7 @@ class Gateway:
                 "imageURL": self.image_url(stored),
             }
         )
+        return frame, None
 
     async def get_response(self, peer: Peer, task: GetResponse) -> None:
         record = await self.state.lookup(peer.api_key, task.taskUUID)

@@ -27,7 +27,8 @@ from .connection import AuthLimiter, Connection
 from .delivery import Gateway
 from .http import Outbound
 from .images import ImageStore
-from .routes import HttpResponse, Routes, text
+from .metrics import Metrics, gateway_families
+from .routes import HttpResponse, Routes, metrics_response, text
 from .state import GatewayState
 
 __all__ = ["GatewayServer"]
@@ -56,18 +57,25 @@ class GatewayServer:
                 "LATENT_UPSCALER_API_KEYS); only a loopback host may run without one"
             )
         self.config = config
+        engine = engine or InprocEngineClient(config.engine)
+        self.metrics = _metrics(config, engine)
         self.gateway = Gateway(
             config,
-            engine or InprocEngineClient(config.engine),
+            engine,
             clock=clock,
             outbound=outbound,
             store=store,
             state=state,
+            metrics=self.metrics,
         )
         self.limiter = AuthLimiter(config.auth_failures_per_minute, clock)
-        self.routes = Routes(self.gateway, open_connections=lambda: len(self.connections))
         self.connections: set[Connection] = set()
+        if self.metrics is not None:
+            self.metrics.add_source(lambda: gateway_families(self.gateway, lambda: len(self.connections)))
+        on_main_port = self.metrics if config.metrics_port is None else None
+        self.routes = Routes(self.gateway, open_connections=lambda: len(self.connections), metrics=on_main_port)
         self._server: Server | None = None
+        self._metrics_server: Server | None = None
 
     async def __aenter__(self) -> GatewayServer:
         await self.start()
@@ -113,6 +121,14 @@ class GatewayServer:
         if self.config.port == 0:  # an ephemeral port: URLs must name the real one
             self.config.port = self.port
         logger.info("serving on ws://%s:%d/v1", self.config.host, self.port)
+        if self.metrics is not None and self.config.metrics_port is not None:
+            self._metrics_server = await serve_metrics(self.metrics, self.config.host, self.config.metrics_port)
+
+    @property
+    def metrics_port(self) -> int | None:
+        """The port ``/metrics`` is served on, when it has one of its own."""
+        server = self._metrics_server
+        return None if server is None else server.sockets[0].getsockname()[1]
 
     async def close(self, grace: float | None = None) -> None:
         """Stop accepting, finish in-flight tasks within ``grace`` seconds, then close."""
@@ -128,6 +144,10 @@ class GatewayServer:
             connection._close_after_flush(1001, "server shutting down")
         await asyncio.wait_for(self._server.wait_closed(), timeout=10)
         await self.gateway.close()
+        if self._metrics_server is not None:
+            self._metrics_server.close()
+            await self._metrics_server.wait_closed()
+            self._metrics_server = None
         self._server = None
 
     async def _handle(self, ws: ServerConnection) -> None:
@@ -156,6 +176,26 @@ def _response(answer: HttpResponse) -> Response:
     # that keeps connections alive sends its next request into a closing socket.
     headers = Headers([*answer.header_list(), ("Connection", "close")])
     return Response(answer.status, answer.reason, headers, answer.body)
+
+
+def _metrics(config: GatewayConfig, engine: EngineClient) -> Metrics | None:
+    if not config.metrics:
+        return None
+    role = "gateway" if engine.remote else "serve"
+    return Metrics(
+        role=role, model=config.engine.model, engine=not engine.remote, max_rows=config.engine.max_batch_rows
+    )
+
+
+async def serve_metrics(metrics: Metrics, host: str, port: int) -> Server:
+    """``GET /metrics`` alone on a port of its own (``--metrics-port``)."""
+
+    async def get(path: str) -> HttpResponse | None:
+        return metrics_response(metrics) if path == "/metrics" else None
+
+    server = await serve_http_only(get, host, port)
+    logger.info("metrics on http://%s:%d/metrics", host, server.sockets[0].getsockname()[1])
+    return server
 
 
 async def serve_http_only(

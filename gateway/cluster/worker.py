@@ -34,12 +34,14 @@ import orjson
 from engine.api import EngineError, ErrorCode, Progress, UpscaleResult
 from engine.client import EngineClient
 
+from .. import logs
 from ..completion import Completion
 from ..config import ClusterConfig, GatewayConfig
 from ..delivery import engine_request
 from ..errors import TaskError, internal_error
 from ..http import Outbound
 from ..images import StoredImage
+from ..metrics import Metrics
 from ..protocol import Upscale
 from ..session import Session, TaskRecord
 from . import keys
@@ -70,6 +72,13 @@ class _Held:
     input_uuid: str = ""
     base_url: str = ""
     denoising: bool = True  # holds rows of the UNet's calls
+    began: float = 0.0  # time.time() when this worker began it
+    submitted: float | None = None  # time.monotonic() when it reached the engine
+
+    @property
+    def queued_at(self) -> float:
+        """When it was queued (``time.time()``, on Redis's clock): its stream entry id."""
+        return int(self.entry.split("-", 1)[0]) / 1000
 
     @property
     def wants_progress(self) -> bool:
@@ -78,8 +87,16 @@ class _Held:
 
 class Worker:
     def __init__(
-        self, config: GatewayConfig, cluster: ClusterConfig, engine: EngineClient, link: RedisLink
+        self,
+        config: GatewayConfig,
+        cluster: ClusterConfig,
+        engine: EngineClient,
+        link: RedisLink,
+        *,
+        metrics: Metrics | None = None,
     ) -> None:
+        """``metrics``: where its tasks, its engine's events and its outbound requests
+        are counted (None: nowhere)."""
         self.config = config
         self.cluster = cluster
         self.engine = engine
@@ -98,6 +115,11 @@ class Worker:
         self.completion = Completion(
             self.store, self.outbound, output_ttl=config.output_ttl, price_per_gpu_hour=config.price_per_gpu_hour
         )
+        self.metrics = metrics
+        if metrics is not None:
+            metrics.watch_engine(engine)
+            self.outbound.observe = metrics.outbound_done
+        self._stages: logs.EngineStages | None = None
         self.held: dict[str, _Held] = {}
         self.redelivered = 0  # tasks this worker took over from another
         self.dead_lettered = 0  # poison tasks it ended
@@ -110,6 +132,10 @@ class Worker:
     # Lifecycle
 
     async def start(self) -> None:
+        observers = getattr(self.engine, "observers", None)
+        if observers is not None and logs.task_lines_enabled():
+            self._stages = logs.EngineStages()
+            observers.add(self._stages.observe)
         await self.engine.start()
         await self.state.start()
         self._loops = [
@@ -145,6 +171,10 @@ class Worker:
         job.add_done_callback(self._jobs.discard)
 
     # Capacity
+
+    def held_rows(self) -> int:
+        """UNet rows of the tasks it is denoising (its used capacity)."""
+        return sum(self._used_rows().values())
 
     def _used_rows(self) -> dict[str, int]:
         used: dict[str, int] = {}
@@ -199,13 +229,17 @@ class Worker:
             await self._start(held, began)
 
     async def _start(self, held: _Held, began: list) -> None:
+        context = logs.TASK_UUID.set(held.task_uuid)  # on the log lines about it
         try:
             await self._start_one(held, began)
         except Exception:
             logger.exception("starting task %s failed", held.task_uuid)
             self._end(held, internal_error())
+        finally:
+            logs.TASK_UUID.reset(context)
 
     async def _start_one(self, held: _Held, began: list) -> None:
+        held.began = time.time()
         kind = began[0].decode()
         if kind in ("gone", "done"):  # lost with Redis, or answered already: drop the entry
             self.held.pop(held.task_uuid, None)
@@ -237,6 +271,9 @@ class Worker:
             self._end(held, error)
             return
         request = engine_request(held.task_uuid, held.task, data, held.task.settings.seed or 0)
+        if self.metrics is not None:
+            self.metrics.cluster_wait.observe(max(0.0, held.began - held.queued_at))
+        held.submitted = time.monotonic()
         # Progress tells this worker when a request leaves the UNet (its rows are free).
         self.engine.submit(dataclasses.replace(request, want_progress=True))
 
@@ -269,6 +306,7 @@ class Worker:
 
     async def _complete(self, held: _Held, output: UpscaleResult | EngineError) -> None:
         assert held.task is not None
+        logs.TASK_UUID.set(held.task_uuid)  # a task of its own: no reset needed
         unsaved: list = []  # the output image, written with the outcome (see Completion.outcome)
         try:
             item = await self.completion.outcome(
@@ -303,7 +341,8 @@ class Worker:
         try:
             while True:
                 try:
-                    await self.state.finish(held.record, item=item, error=error, webhook=webhook, image=image)
+                    if await self.state.finish(held.record, item=item, error=error, webhook=webhook, image=image):
+                        self._ended(held, error)
                     return
                 except ClusterUnavailable as exc:
                     if self._stopping:
@@ -313,6 +352,34 @@ class Worker:
                     delay = min(delay * 2, 5.0)
         finally:
             self.held.pop(held.task_uuid, None)
+
+    def _ended(self, held: _Held, error: TaskError | None) -> None:
+        """Count a task this worker ended, and write its line. Its latency runs from
+        when it was queued (Redis's clock) to now (this worker's)."""
+        assert held.record is not None
+        code = None if error is None else error.code
+        total = max(0.0, time.time() - held.queued_at)
+        task_type = held.record.task_type
+        if self.metrics is not None:
+            self.metrics.task_ended(task_type, code, deliver_async=held.record.deliver_async, seconds=total)
+        done = self._stages.pop(held.task_uuid) if self._stages is not None else None
+        if not logs.task_lines_enabled():
+            return
+        # Stages: queued → begun here (cluster_queue) → submitted to the engine (input) → …
+        before_engine = None if held.submitted is None else total - (time.monotonic() - held.submitted)
+        stages = logs.stage_seconds(total, before_engine=before_engine, done=done)
+        if held.began:
+            stages["cluster_queue"] = round(max(0.0, held.began - held.queued_at), 6)
+            if "input" in stages:
+                stages["input"] = round(max(0.0, stages["input"] - stages["cluster_queue"]), 6)
+        logs.task_ended(
+            held.task_uuid,
+            task_type,
+            code=code,
+            deliver_async=held.record.deliver_async,
+            session_id=held.record.session.session_id,
+            seconds=stages,
+        )
 
     # Refresh and reap
 
