@@ -1,4 +1,4 @@
-"""``latent-upscaler serve | gateway | worker`` (also ``python -m gateway …``): the command line.
+"""``latent-upscaler serve | gateway | worker | upscale`` (also ``python -m gateway …``): the command line.
 
 Every flag has an environment variable, ``LATENT_UPSCALER_<FLAG>`` (upper case,
 dashes as underscores); a flag on the command line wins over the variable.
@@ -16,6 +16,7 @@ import sys
 
 from engine.config import DEFAULT_MODEL, VAE_OVERLAP, EngineConfig
 
+from .cli_upscale import add_parser as add_upscale_parser
 from .config import ClusterConfig, GatewayConfig
 
 ENV_PREFIX = "LATENT_UPSCALER_"
@@ -62,8 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
         "(/images/…, /healthz, /readyz) on one port, with the engine in this process. Each flag has an "
         "environment variable.",
     )
-    for add in (_model_flags, _network_flags, _auth_flags, _batching_flags, _limit_flags, _time_flags):
+    for add in (add_model_flags, _network_flags, _auth_flags, add_batching_flags, _limit_flags, _time_flags):
         add(s)
+    _model_alias_flag(s.add_argument_group("model names"))
     _outbound_flags(s)
     _observability_flags(s, "on the --port")
     g = sub.add_parser(
@@ -102,8 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="serve /healthz, /readyz and /stats (JSON) on this port, for an orchestrator; default none",
     )
     _flag(group, "--host", default="127.0.0.1", help="address the --http-port listens on")
-    for add in (_model_flags, _batching_flags):
+    for add in (add_model_flags, add_batching_flags):
         add(w)
+    _model_alias_flag(w.add_argument_group("model names"))
     group = w.add_argument_group("limits")
     _flag(group, "--max-steps", type=int, default=100, help="largest settings.steps")
     _flag(group, "--max-input-pixels", type=int, default=2048 * 2048, help="largest input image, in pixels")
@@ -114,10 +117,12 @@ def build_parser() -> argparse.ArgumentParser:
     _flag(group, "--shutdown-grace", type=float, default=30.0, help="seconds held tasks get on SIGTERM")
     _outbound_flags(w)
     _observability_flags(w, "on the --http-port")
+    add_upscale_parser(sub, _flag, add_model_flags, add_batching_flags)
     return parser
 
 
-def _model_flags(parser) -> None:
+def add_model_flags(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
+    """The engine's model flags (``serve``, ``worker``, and ``upscale`` without ``--url``); returns their group."""
     g = parser.add_argument_group("model")
     _flag(
         g,
@@ -129,7 +134,7 @@ def _model_flags(parser) -> None:
     _flag(g, "--revision", help="hub revision (the default model is pinned to one with safetensors)")
     _flag(g, "--device", help="torch device, e.g. cuda, cuda:1, cpu; default CUDA when present")
     _flag(g, "--dtype", help="fp32, fp16 or bf16; default fp16 on CUDA, fp32 on CPU")
-    _model_alias_flag(g)
+    return g
 
 
 def _model_alias_flag(group) -> None:
@@ -161,7 +166,8 @@ def _auth_flags(parser) -> None:
     )
 
 
-def _batching_flags(parser) -> None:
+def add_batching_flags(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
+    """The engine's batching flags (``serve``, ``worker``, and ``upscale`` without ``--url``); returns their group."""
     g = parser.add_argument_group("batching")
     _flag(g, "--max-batch-rows", type=int, default=16, help="UNet rows per call (a CFG task takes two)")
     _flag(
@@ -202,6 +208,7 @@ def _batching_flags(parser) -> None:
         default=1024,
         help="tasks admitted to the engine; beyond: rateLimitExceeded",
     )
+    return g
 
 
 def _limit_flags(parser) -> None:
@@ -347,7 +354,8 @@ _CHOICES = {
 }
 
 
-def config_from_args(args: argparse.Namespace) -> GatewayConfig:
+def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
+    """The :class:`EngineConfig` of whichever model, batching and limit flags ``args`` has."""
     # argparse checks `choices` only on the command line, not on defaults read from the
     # environment: check those here (a ValueError is a clear one-line error in main()).
     for name, choices in _CHOICES.items():
@@ -356,7 +364,11 @@ def config_from_args(args: argparse.Namespace) -> GatewayConfig:
             raise ValueError(f"{flag} ({_env_name(flag)}) must be one of {', '.join(choices)}")
     if getattr(args, "torch_threads", None) is not None and args.torch_threads < 1:
         raise ValueError("--torch-threads (LATENT_UPSCALER_TORCH_THREADS) must be at least 1")
-    engine = EngineConfig(**{field: getattr(args, flag) for flag, field in _ENGINE_FIELDS.items() if hasattr(args, flag)})
+    return EngineConfig(**{field: getattr(args, flag) for flag, field in _ENGINE_FIELDS.items() if hasattr(args, flag)})
+
+
+def config_from_args(args: argparse.Namespace) -> GatewayConfig:
+    engine = engine_config_from_args(args)
     return GatewayConfig(
         **{name: getattr(args, name) for name in _GATEWAY_FIELDS if hasattr(args, name)},
         api_keys=tuple(getattr(args, "api_key", None) or ()),
@@ -424,6 +436,10 @@ def _role(args: argparse.Namespace, config: GatewayConfig):
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "upscale":
+        from .cli_upscale import main as upscale_main
+
+        return upscale_main(args, engine_config_from_args)
     level = args.log_level.upper()
     if level not in LOG_LEVELS:
         print(f"latent-upscaler: --log-level must be one of {', '.join(LOG_LEVELS)}", file=sys.stderr)

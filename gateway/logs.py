@@ -63,16 +63,21 @@ _QUIET = {"PIL": logging.INFO, "websockets": logging.INFO, "gateway.websockets":
 
 
 def configure(
-    level: str | int = "INFO", fmt: str = "text", *, secrets: Iterable[str] = (), stream=None
+    level: str | int = "INFO",
+    fmt: str = "text",
+    *,
+    secrets: Iterable[str] = (),
+    stream=None,
+    fmt_text: str = TEXT_FORMAT,
 ) -> None:
-    """Log to ``stream`` (stderr) at ``level`` in ``fmt`` (``text`` or ``json``),
-    redacting ``secrets`` (the API keys) wherever they would appear."""
+    """Log to ``stream`` (stderr) at ``level`` in ``fmt`` (``text``, laid out as
+    ``fmt_text``, or ``json``), redacting ``secrets`` (the API keys) wherever they appear."""
     global _task_level
     if fmt not in FORMATS:
         raise ValueError(f"--log-format must be one of {', '.join(FORMATS)}")
     _secrets[:] = sorted({s for s in secrets if len(s) >= 4}, key=len, reverse=True)
     handler = logging.StreamHandler(stream or sys.stderr)
-    handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter(TEXT_FORMAT))
+    handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter(fmt_text))
     root = logging.getLogger()
     for old in list(root.handlers):
         root.removeHandler(old)

@@ -117,3 +117,19 @@ def test_short_soak(tmp_path):
     assert report["tasks"] > 10 and report["drops_and_resumes"] > 0
     assert report["unanswered"] == 0 and report["answered_more_than_once"] == 0
     assert report["rss_growth_pct"] < 25
+
+
+@pytest.mark.sdk
+def test_cli_upscale_smoke(tmp_path):
+    """The CLI and the runware SDK (its own virtualenv, as tests/test_sdks.py builds it)
+    each upscale the same 20 images against the same server; every output written."""
+    from tests.test_sdks import _python_env
+
+    out = tmp_path / "cli.json"
+    script = ROOT / "benchmarks" / "cli_upscale.py"
+    command = [sys.executable, str(script), "--smoke", "--sdk-python", str(_python_env("legacy"))]
+    subprocess.run([*command, "--out", str(out)], check=True, timeout=300, capture_output=True)
+    report = json.loads(out.read_text())
+    assert report["summary"]["cli"]["images"] == report["summary"]["sdk"]["images"] == 20
+    assert report["cli_rss_scaled"]["images"] == 40
+    assert report["throughput_ratio_cli_over_sdk"] > 0 and report["cli_rss_ratio"] > 0
