@@ -1,6 +1,7 @@
 """Gateway overhead: the gateway with an engine that answers at once (the null engine)
 against a bare websockets server that answers the same frames with the least work a
-server can do (parse the array, reply one item per task), in one run.
+server can do (parse the array, reply one item per task), in one run; and the same
+gateway with its metrics turned off (``--no-metrics``), to price them.
 
     python benchmarks/gateway_overhead.py            # ~1 minute
     python benchmarks/gateway_overhead.py --smoke    # a few seconds
@@ -13,7 +14,8 @@ the clients are on other machines. Both servers are measured the same way.
 
 Reports, for each server: saturated throughput (closed loop), p50/p99 latency at a fixed
 offered rate (open loop, default 1,000 tasks/s), the server's own CPU time per task, and
-the ratios. The two servers are measured in turns, ``--repeat`` times each, and the
+the ratios: gateway/echo, and gateway with metrics/without (the metrics' cost; the
+target is at most 5 % of throughput). The servers are measured in turns, ``--repeat`` times each, and the
 medians are reported: on a shared machine a single pass mostly measures the neighbours.
 Writes JSON to benchmarks/results/gateway_overhead.json.
 """
@@ -118,17 +120,26 @@ def median_run(passes: list[dict]) -> dict:
     return out
 
 
+SERVERS = ("echo", "gateway", "gateway-no-metrics")
+
+
 async def main_async(args) -> dict:
-    passes: dict[str, list[dict]] = {"echo": [], "gateway": []}
+    passes: dict[str, list[dict]] = {name: [] for name in SERVERS}
     config = GatewayConfig(port=0, max_in_flight_per_connection=10_000, max_in_flight_per_key=100_000)
+    unmeasured = GatewayConfig(**{**vars(config), "metrics": False})
     async with (
         serve(_echo_handler, "127.0.0.1", 0, compression=None, max_size=2**25) as echo,
         GatewayServer(config, NullEngineClient()) as server,
+        GatewayServer(unmeasured, NullEngineClient()) as no_metrics,
     ):
-        urls = {"echo": f"ws://127.0.0.1:{echo.sockets[0].getsockname()[1]}/v1", "gateway": server.url}
+        urls = {
+            "echo": f"ws://127.0.0.1:{echo.sockets[0].getsockname()[1]}/v1",
+            "gateway": server.url,
+            "gateway-no-metrics": no_metrics.url,
+        }
         for url in urls.values():
             await load(url, min(200, args.tasks), args)  # warm-up
-        for _ in range(args.repeat):  # in turns, so that both see the same neighbours
+        for _ in range(args.repeat):  # in turns, so that all see the same neighbours
             for name, url in urls.items():
                 passes[name].append(await measure(url, args))
     return {name: median_run(runs) for name, runs in passes.items()}
@@ -157,20 +168,26 @@ def main() -> None:
     logging.basicConfig(level=logging.ERROR)
     results = asyncio.run(main_async(args))
     print(HEADER)
-    for name in ("echo", "gateway"):
+    for name in SERVERS:
         print_row(f"{name} saturated", results[name]["saturated"])
         print_row(f"{name} at {args.rate:g}/s", results[name]["paced"])
-    echo, gw = results["echo"], results["gateway"]
+    echo, gw, bare = results["echo"], results["gateway"], results["gateway-no-metrics"]
     ratio = gw["saturated"]["throughput"] / echo["saturated"]["throughput"]
+    metrics_ratio = gw["saturated"]["throughput"] / bare["saturated"]["throughput"]
     added_p99_ms = 1000 * (gw["paced"]["p99_latency_s"] - echo["paced"]["p99_latency_s"])
-    cpu = {name: results[name]["saturated"]["server_cpu_us_per_task"] for name in ("echo", "gateway")}
+    cpu = {name: results[name]["saturated"]["server_cpu_us_per_task"] for name in SERVERS}
     print(
         f"throughput ratio gateway/echo: {ratio:.2f}x   added p99 at {args.rate:g}/s: {added_p99_ms:.2f} ms   "
         f"server CPU per task: echo {cpu['echo']:.0f} us, gateway {cpu['gateway']:.0f} us "
         f"(medians of {args.repeat} passes each)"
     )
+    print(
+        f"metrics: throughput with/without {metrics_ratio:.3f}x ({100 * (1 - metrics_ratio):+.1f} % cost)   "
+        f"server CPU per task {cpu['gateway']:.0f} us with, {cpu['gateway-no-metrics']:.0f} us without"
+    )
     report = {
         "throughput_ratio": round(ratio, 3),
+        "metrics_throughput_ratio": round(metrics_ratio, 4),
         "added_p99_ms": round(added_p99_ms, 3),
         "server_cpu_us_per_task": cpu,
         "rate": args.rate,

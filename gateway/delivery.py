@@ -41,7 +41,6 @@ from engine.api import (
 )
 from engine.client import EngineClient, EngineOverloaded, EngineUnavailable
 
-from . import logs
 from .completion import Completion, image_url, shutdown_error
 from .config import GatewayConfig
 from .errors import TaskError, internal_error
@@ -49,6 +48,7 @@ from .http import Outbound, OutboundError
 from .images import ImageStore, MemoryImageStore, StoredImage
 from .inputs import Inputs, is_url
 from .metrics import Metrics
+from .observe import TaskEnds
 from .protocol import GetResponse, ImageUpload, Upscale, data_frame, error_frame
 from .session import SessionStore, TaskRecord
 from .state import GatewayState, LocalState, Peer
@@ -98,7 +98,7 @@ class Gateway:
         if metrics is not None:
             metrics.watch_engine(engine)
             self.outbound.observe = metrics.outbound_done
-        self._stages: logs.EngineStages | None = None  # the engine's timings, for task lines
+        self.ends = TaskEnds(metrics)  # each task's end: counted, and its log line
         self.inputs = Inputs(self.store, self.outbound, max_bytes=config.max_input_bytes, ttl=config.output_ttl)
         self.completion = Completion(
             self.store,
@@ -117,10 +117,7 @@ class Gateway:
     # Lifecycle
 
     async def start(self) -> None:
-        observers = getattr(self.engine, "observers", None)
-        if observers is not None and logs.task_lines_enabled():
-            self._stages = logs.EngineStages()
-            observers.add(self._stages.observe)
+        self.ends.watch(self.engine)
         await self.state.start()
         await self.engine.start()
         self._dispatcher = asyncio.create_task(self._dispatch(), name="engine-outputs")
@@ -189,7 +186,7 @@ class Gateway:
             if storing is not None:
                 storing.add_done_callback(_consume)
             peer.send(error_frame(error.for_task(task.taskType, task.taskUUID)))
-            self._refused(task, error, peer, received)
+            self._refused(task, error.code, peer, received)
             return
         peer.in_flight += 1
         if record.deliver_async:
@@ -330,42 +327,29 @@ class Gateway:
             return
         if webhook and not self.state.queues_webhooks:
             self.spawn(self.post_webhook(webhook, item if error is None else error.to_wire()))
-        self._ended(record, task, error, accepted, submitted)
+        now = time.monotonic()
+        self.ends.ended(
+            task.taskUUID,
+            task.taskType,
+            record.session.session_id,
+            code=None if error is None else error.code,
+            deliver_async=record.deliver_async,
+            total=0.0 if accepted is None else now - accepted,
+            timed=accepted is not None,
+            before_engine=None if submitted is None or accepted is None else submitted - accepted,
+        )
 
-    def _ended(
-        self, record: TaskRecord, task: Upscale, error: TaskError | None, accepted: float | None, submitted: float | None
-    ) -> None:
-        """Count a task's end and write its line (with timings by stage when known)."""
-        code = None if error is None else error.code
-        total = None if accepted is None else time.monotonic() - accepted
-        if self.metrics is not None:
-            self.metrics.task_ended(task.taskType, code, deliver_async=record.deliver_async, seconds=total)
-        done = self._stages.pop(task.taskUUID) if self._stages is not None else None
-        if total is not None and logs.task_lines_enabled():
-            before_engine = None if submitted is None else submitted - accepted
-            logs.task_ended(
-                task.taskUUID,
-                task.taskType,
-                code=code,
-                deliver_async=record.deliver_async,
-                session_id=record.session.session_id,
-                seconds=logs.stage_seconds(total, before_engine=before_engine, done=done),
-            )
-
-    def _refused(self, task: Upscale | ImageUpload, error: TaskError, peer: Peer, received: float) -> None:
-        """A task refused before it was accepted (no record): counted, not timed."""
-        deliver_async = getattr(task, "deliveryMethod", "sync") == "async"
-        if self.metrics is not None:
-            self.metrics.task_ended(task.taskType, error.code, deliver_async=deliver_async, seconds=None)
-        if logs.task_lines_enabled():
-            logs.task_ended(
-                task.taskUUID,
-                task.taskType,
-                code=error.code,
-                deliver_async=deliver_async,
-                session_id=peer.session.session_id if peer.session is not None else None,
-                seconds={"total": round(time.monotonic() - received, 6)},
-            )
+    def _refused(self, task: Upscale | ImageUpload, code: str | None, peer: Peer, received: float) -> None:
+        """An upscale refused at admission, or an imageUpload's answer: counted, not timed."""
+        self.ends.ended(
+            task.taskUUID,
+            task.taskType,
+            peer.session.session_id if peer.session is not None else None,
+            code=code,
+            deliver_async=getattr(task, "deliveryMethod", "sync") == "async",
+            total=time.monotonic() - received,
+            timed=False,
+        )
 
     async def post_webhook(self, url: str, body: dict) -> bool:
         """POST a result item (retried per the outbound policy); False if it never got through."""
@@ -432,7 +416,7 @@ class Gateway:
             self._check_in_flight_limits(peer)
         except TaskError as error:
             peer.send(error_frame(error.for_task("imageUpload", task.taskUUID)))
-            self._refused(task, error, peer, time.monotonic())
+            self._refused(task, error.code, peer, time.monotonic())
             return
         peer.in_flight += 1
         self._uploads[peer.api_key] += 1
@@ -457,20 +441,7 @@ class Gateway:
             self._uploads[key] -= 1
             if not self._uploads[key]:
                 del self._uploads[key]
-            self._upload_ended(task, code, peer, received)
-
-    def _upload_ended(self, task: ImageUpload, code: str | None, peer: Peer, received: float) -> None:
-        if self.metrics is not None:
-            self.metrics.task_ended("imageUpload", code, deliver_async=False, seconds=None)
-        if logs.task_lines_enabled():
-            logs.task_ended(
-                task.taskUUID,
-                "imageUpload",
-                code=code,
-                deliver_async=False,
-                session_id=peer.session.session_id if peer.session is not None else None,
-                seconds={"total": round(time.monotonic() - received, 6)},
-            )
+            self._refused(task, code, peer, received)
 
     async def _image_upload_frame(self, task: ImageUpload) -> tuple[bytes, str | None]:
         """The answer to an imageUpload (the stored image's UUID, or why it was

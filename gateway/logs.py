@@ -223,16 +223,23 @@ class EngineStages:
 
 
 def stage_seconds(
-    total: float, *, before_engine: float | None = None, done: RequestDone | None = None, **more: float
+    total: float,
+    *,
+    before_engine: float | None = None,
+    done: RequestDone | None = None,
+    queued: float | None = None,
 ) -> dict[str, float]:
-    """A task's timings by stage: ``total``, then (when known) ``input`` (accepted →
-    submitted to the engine: input decoded, fetched, stored), ``queue`` (→ first UNet
-    step), ``denoise`` (→ last step), ``decode`` (→ the engine's output: VAE decode and
-    image encode), ``deliver`` (→ the terminal item sent: stored, uploaded), and ``more``."""
+    """A task's timings by stage: ``total``, then (when known) ``cluster_queue`` (on a
+    worker: the ``queued`` seconds on Redis, part of ``before_engine``), ``input``
+    (accepted or begun → submitted to the engine: input decoded, fetched, stored),
+    ``queue`` (→ first UNet step), ``denoise`` (→ last step), ``decode`` (→ the
+    engine's output: VAE decode and image encode), ``deliver`` (→ the terminal item
+    sent: stored, uploaded)."""
     out = {"total": total}
-    out.update(more)
+    if queued is not None:
+        out["cluster_queue"] = queued
     if before_engine is not None:
-        out["input"] = before_engine
+        out["input"] = max(0.0, before_engine - (queued or 0.0))
     if done is not None and before_engine is not None:
         if done.first_step is not None:
             out["queue"] = done.first_step

@@ -16,7 +16,7 @@ Where the numbers come from:
   one ``observe`` per UNet call, VAE call and finished request, nothing else);
 - **state**, read at scrape time from whatever holds it (:meth:`Metrics.add_source`):
   open connections, sessions, the image store, the engine's requests by stage, and in
-  a cluster the queue's backlog (``gateway.cluster.metrics``, refreshed in the
+  a cluster the queue's backlog (``gateway.cluster.monitor``, refreshed in the
   background: a scrape never waits for Redis).
 
 With ``--no-metrics`` a process has no :class:`Metrics` at all, and the call sites skip
@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING
 import prometheus_client
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
-from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, generate_latest
+from prometheus_client.exposition import generate_latest
 from prometheus_client.registry import Collector
 
 from engine.api import ErrorCode
@@ -63,7 +63,7 @@ logger = logging.getLogger(__name__)
 prometheus_client.disable_created_metrics()
 
 PREFIX = "latent_upscaler_"
-CONTENT_TYPE = CONTENT_TYPE_PLAIN_0_0_4  # the text format every Prometheus version reads
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"  # the text format every Prometheus reads
 
 # One UNet or VAE call: about a millisecond on a big GPU with small latents, seconds on a CPU.
 CALL_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
@@ -168,9 +168,11 @@ class Metrics:
             ["kind", "outcome"],
             registry=registry,
         )
+        # Bound children by (task type, outcome): labels() takes a lock and builds a key.
+        self._tasks: dict[tuple[str, str], Counter] = {}
         for code in ["success", *engine_codes()]:
-            self.tasks.labels(UPSCALE, code)
-        self.tasks.labels("imageUpload", "success")
+            self._task_counter(UPSCALE, code)
+        self._task_counter("imageUpload", "success")
         self._latency = {delivery: self.latency.labels(delivery) for delivery in DELIVERIES}
         for kind in OUTBOUND_KINDS:
             self.outbound.labels(kind, "success")
@@ -225,9 +227,15 @@ class Metrics:
     ) -> None:
         """A task's terminal item: ``code`` None for success; ``seconds`` since it was
         accepted (None: it was refused at admission, and is counted but not timed)."""
-        self.tasks.labels(task_type_label(task_type), outcome_label(code)).inc()
+        self._task_counter(task_type_label(task_type), outcome_label(code)).inc()
         if seconds is not None:
             self._latency["async" if deliver_async else "sync"].observe(seconds)
+
+    def _task_counter(self, task_type: str, outcome: str) -> Counter:
+        child = self._tasks.get((task_type, outcome))
+        if child is None:
+            child = self._tasks[(task_type, outcome)] = self.tasks.labels(task_type, outcome)
+        return child
 
     def outbound_done(self, kind: str, outcome: str) -> None:
         self.outbound.labels(kind if kind in OUTBOUND_KINDS else "other", outcome_label(outcome)).inc()

@@ -42,6 +42,7 @@ from ..errors import TaskError, internal_error
 from ..http import Outbound
 from ..images import StoredImage
 from ..metrics import Metrics
+from ..observe import TaskEnds
 from ..protocol import Upscale
 from ..session import Session, TaskRecord
 from . import keys
@@ -119,7 +120,7 @@ class Worker:
         if metrics is not None:
             metrics.watch_engine(engine)
             self.outbound.observe = metrics.outbound_done
-        self._stages: logs.EngineStages | None = None
+        self.ends = TaskEnds(metrics)  # each task's end: counted, and its log line
         self.held: dict[str, _Held] = {}
         self.redelivered = 0  # tasks this worker took over from another
         self.dead_lettered = 0  # poison tasks it ended
@@ -132,10 +133,7 @@ class Worker:
     # Lifecycle
 
     async def start(self) -> None:
-        observers = getattr(self.engine, "observers", None)
-        if observers is not None and logs.task_lines_enabled():
-            self._stages = logs.EngineStages()
-            observers.add(self._stages.observe)
+        self.ends.watch(self.engine)
         await self.engine.start()
         await self.state.start()
         self._loops = [
@@ -357,28 +355,16 @@ class Worker:
         """Count a task this worker ended, and write its line. Its latency runs from
         when it was queued (Redis's clock) to now (this worker's)."""
         assert held.record is not None
-        code = None if error is None else error.code
         total = max(0.0, time.time() - held.queued_at)
-        task_type = held.record.task_type
-        if self.metrics is not None:
-            self.metrics.task_ended(task_type, code, deliver_async=held.record.deliver_async, seconds=total)
-        done = self._stages.pop(held.task_uuid) if self._stages is not None else None
-        if not logs.task_lines_enabled():
-            return
-        # Stages: queued → begun here (cluster_queue) → submitted to the engine (input) → …
-        before_engine = None if held.submitted is None else total - (time.monotonic() - held.submitted)
-        stages = logs.stage_seconds(total, before_engine=before_engine, done=done)
-        if held.began:
-            stages["cluster_queue"] = round(max(0.0, held.began - held.queued_at), 6)
-            if "input" in stages:
-                stages["input"] = round(max(0.0, stages["input"] - stages["cluster_queue"]), 6)
-        logs.task_ended(
+        self.ends.ended(
             held.task_uuid,
-            task_type,
-            code=code,
+            held.record.task_type,
+            held.record.session.session_id,
+            code=None if error is None else error.code,
             deliver_async=held.record.deliver_async,
-            session_id=held.record.session.session_id,
-            seconds=stages,
+            total=total,
+            before_engine=None if held.submitted is None else total - (time.monotonic() - held.submitted),
+            queued=max(0.0, held.began - held.queued_at) if held.began else None,
         )
 
     # Refresh and reap
