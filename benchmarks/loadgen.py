@@ -1,8 +1,13 @@
-"""Load generator: drives a gateway over real WebSockets, as Runware clients would.
+"""Load generator: drives a gateway over real WebSockets or REST, as Runware clients would.
 
     python benchmarks/loadgen.py --url ws://127.0.0.1:8787/v1 --workload benchmarks/workloads/tiny.json \\
         --connections 4 --concurrency 16 --tasks 200            # closed loop
     python benchmarks/loadgen.py ... --rate 5 --tasks 200       # open loop, Poisson arrivals
+    python benchmarks/loadgen.py --url http://127.0.0.1:8788/v1 ...   # REST: sync POSTs, keep-alive
+
+Over REST (an ``http://`` URL) each task is one sync ``POST`` on an HTTP/1.1 keep-alive
+connection, and a connection carries one request at a time: ``--connections`` is then
+the most requests in flight.
 
 Records per task the time to first progress and to the result, checks that every
 ``taskUUID`` got exactly one terminal answer, prints a table and writes JSON.
@@ -20,6 +25,7 @@ import time
 import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import numpy as np
 import orjson
@@ -150,6 +156,88 @@ class Connection:
             future.set_result(None)
 
 
+class RestConnection:
+    """One HTTP/1.1 keep-alive connection: each task is a sync POST answered in full.
+
+    A minimal client (one request at a time, Content-Length bodies, which is what the
+    gateway sends) rather than aiohttp's, whose ~10x larger cost per request made the
+    load generator, not the server, the bottleneck on a 2-core machine; the SDK tests
+    drive the server with the real clients."""
+
+    def __init__(self, url: str, api_key: str, records: dict[str, TaskRecord]) -> None:
+        self.url, self.records = urlsplit(url), records
+        self.head = (
+            f"POST {self.url.path or '/'} HTTP/1.1\r\nHost: {self.url.netloc}\r\n"
+            f"Content-Type: application/json\r\nAuthorization: Bearer {api_key}\r\n"
+        ).encode()
+        self.unknown = 0
+
+    async def __aenter__(self) -> RestConnection:
+        loop = asyncio.get_running_loop()
+        _, self.protocol = await loop.create_connection(_HttpClient, self.url.hostname, self.url.port or 80)
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        self.protocol.transport.close()
+
+    async def run(self, task: dict, record: TaskRecord) -> None:
+        body = orjson.dumps([task])
+        record.sent = time.perf_counter()
+        _, payload = await self.protocol.request(self.head + b"Content-Length: %d\r\n\r\n" % len(body) + body)
+        frame = orjson.loads(payload)
+        now = time.perf_counter()
+        for item in frame.get("data", []):
+            self._on_item(item, now, error=None)
+        for item in frame.get("errors", []):
+            self._on_item(item, now, error=item.get("code", "unknown"))
+
+    def _on_item(self, item: dict, now: float, error: str | None) -> None:
+        record = self.records.get(item.get("taskUUID", ""))
+        if record is None:
+            self.unknown += 1
+            return
+        record.terminal_count += 1
+        if record.terminal_count == 1:
+            record.done, record.ok, record.error, record.cost = now, error is None, error, item.get("cost")
+
+
+class _HttpClient(asyncio.Protocol):
+    """HTTP/1.1 responses read off one connection, one request at a time (the open loop
+    may start a task on a connection still busy: it waits its turn, as in a pool of one)."""
+
+    def __init__(self) -> None:
+        self.buffer = bytearray()
+        self.waiter: asyncio.Future | None = None
+        self.turn = asyncio.Lock()
+
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+
+    async def request(self, raw: bytes) -> tuple[int, bytes]:
+        async with self.turn:
+            self.waiter = asyncio.get_running_loop().create_future()
+            self.transport.write(raw)
+            return await self.waiter
+
+    def data_received(self, data: bytes) -> None:
+        self.buffer += data
+        end = self.buffer.find(b"\r\n\r\n")
+        if end < 0:
+            return
+        head = bytes(self.buffer[:end]).lower()
+        length = int(head.split(b"\r\ncontent-length:", 1)[1].split(b"\r\n", 1)[0])
+        if len(self.buffer) < end + 4 + length:
+            return
+        body = bytes(self.buffer[end + 4 : end + 4 + length])
+        del self.buffer[: end + 4 + length]
+        if self.waiter is not None and not self.waiter.done():
+            self.waiter.set_result((int(head[9:12]), body))
+
+    def connection_lost(self, exc) -> None:
+        if self.waiter is not None and not self.waiter.done():
+            self.waiter.set_exception(ConnectionError("the server closed the connection"))
+
+
 async def run_load(
     url: str | list[str],
     api_key: str,
@@ -173,7 +261,11 @@ async def run_load(
         task, size = workload.sample(rng)
         records[task["taskUUID"]] = TaskRecord(task["taskUUID"], size, task["settings"]["steps"], 0.0)
         plan.append(task)
-    conns = [Connection(urls[i % len(urls)], api_key, records) for i in range(connections)]
+    conns = []
+    for i in range(connections):
+        target = urls[i % len(urls)]
+        kind = RestConnection if target.startswith(("http://", "https://")) else Connection
+        conns.append(kind(target, api_key, records))
     for c in conns:
         await c.__aenter__()
     start = time.perf_counter()

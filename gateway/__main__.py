@@ -50,6 +50,11 @@ def _flag(group, flag: str, *, type=str, default=None, help: str, env: str | Non
         group.add_argument(flag, type=type, default=default, help=f"{help} (env {env}{shown})", **kw)
 
 
+def _port_or_off(value: str) -> int | None:
+    """A port number, or "off" (None)."""
+    return None if value.strip().lower() in ("off", "none", "") else int(value)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="latent-upscaler",
@@ -58,10 +63,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     s = sub.add_parser(
         "serve",
-        help="serve the WebSocket API: one process, the engine inside",
+        help="serve the WebSocket and REST APIs: one process, the engine inside",
         description="Serve the Runware-compatible WebSocket API (ws://HOST:PORT/v1) and its HTTP endpoints "
-        "(/images/…, /healthz, /readyz) on one port, with the engine in this process. Each flag has an "
-        "environment variable.",
+        "(/images/…, /healthz, /readyz) on one port, and REST (POST http://HOST:HTTP_PORT/v1) with the "
+        "same endpoints on another, with the engine in this process. Each flag has an environment variable.",
     )
     for add in (add_model_flags, _network_flags, _auth_flags, add_batching_flags, _limit_flags, _time_flags):
         add(s)
@@ -100,7 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     _flag(
         group,
         "--http-port",
-        type=int,
+        type=_port_or_off,
         help="serve /healthz, /readyz and /stats (JSON) on this port, for an orchestrator; default none",
     )
     _flag(group, "--host", default="127.0.0.1", help="address the --http-port listens on")
@@ -152,6 +157,20 @@ def _network_flags(parser) -> None:
     _flag(g, "--port", type=int, default=8787, help="port for WebSocket and HTTP")
     _flag(g, "--public-url", help="base URL of imageURL links, e.g. https://upscale.example.com")
     _flag(g, "--permessage-deflate", type=bool, default=False, help="offer WebSocket compression")
+    _flag(
+        g,
+        "--http-port",
+        type=_port_or_off,
+        default=8788,
+        help="port for REST (POST /v1 with a JSON array of tasks) and the HTTP endpoints; 'off': no REST",
+    )
+    _flag(
+        g,
+        "--cors-origin",
+        help="browser origin allowed to call REST, e.g. https://app.example.com, or '*' for any "
+        "(repeatable; env: comma-separated; default none)",
+        action="append",
+    )
 
 
 def _auth_flags(parser) -> None:
@@ -213,8 +232,14 @@ def add_batching_flags(parser: argparse.ArgumentParser) -> argparse._ArgumentGro
 
 def _limit_flags(parser) -> None:
     g = parser.add_argument_group("limits")
-    _flag(g, "--max-frame-bytes", type=int, default=32 * 2**20, help="largest client frame")
-    _flag(g, "--max-tasks-per-frame", type=int, default=256, help="tasks in one frame")
+    _flag(
+        g,
+        "--max-frame-bytes",
+        type=int,
+        default=32 * 2**20,
+        help="largest client frame, and REST request body (beyond: 413)",
+    )
+    _flag(g, "--max-tasks-per-frame", type=int, default=256, help="tasks in one frame or REST request")
     _flag(g, "--max-in-flight-per-connection", type=int, default=64, help="unfinished tasks per connection")
     _flag(g, "--max-in-flight-per-key", type=int, default=256, help="unfinished tasks per API key")
     _flag(g, "--max-steps", type=int, default=100, help="largest settings.steps")
@@ -225,6 +250,14 @@ def _limit_flags(parser) -> None:
 def _time_flags(parser) -> None:
     g = parser.add_argument_group("timeouts and retention")
     _flag(g, "--idle-timeout", type=float, default=120.0, help="close a socket silent this many seconds")
+    _flag(
+        g,
+        "--rest-timeout",
+        type=float,
+        default=300.0,
+        help="seconds a sync REST request waits for its tasks; then the unfinished ones are answered "
+        "'timeout' (504) and go on (getResponse, or the same request again, gets them)",
+    )
     _flag(g, "--session-ttl", type=float, default=120.0, help="seconds undelivered results wait for a resume")
     _flag(g, "--output-ttl", type=float, default=3600.0, help="default lifetime of stored images, seconds")
     _flag(g, "--record-ttl", type=float, default=3600.0, help="seconds getResponse remembers a finished task")
@@ -337,6 +370,7 @@ _GATEWAY_FIELDS = (
     "max_steps",
     "max_input_bytes",
     "idle_timeout",
+    "rest_timeout",
     "session_ttl",
     "output_ttl",
     "record_ttl",
@@ -368,11 +402,16 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
 
 
 def config_from_args(args: argparse.Namespace) -> GatewayConfig:
+    rest = {"http_port": args.http_port} if hasattr(args, "port") and hasattr(args, "http_port") else {}
+    if hasattr(args, "port") and args.http_port is not None and args.http_port == args.port and args.port != 0:
+        raise ValueError("--http-port (LATENT_UPSCALER_HTTP_PORT) must differ from --port, or be 'off'")
     engine = engine_config_from_args(args)
     return GatewayConfig(
         **{name: getattr(args, name) for name in _GATEWAY_FIELDS if hasattr(args, name)},
         api_keys=tuple(getattr(args, "api_key", None) or ()),
         model_aliases=tuple(getattr(args, "model_alias", None) or ()),
+        cors_origins=tuple(getattr(args, "cors_origin", None) or ()),
+        **rest,
         engine=engine,
     )
 

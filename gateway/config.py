@@ -19,6 +19,10 @@ class GatewayConfig:
     port: int = 8787
     public_url: str | None = None  # base of imageURL; default http://HOST:PORT
     permessage_deflate: bool = False
+    # REST (POST /v1) and the GET endpoints on a port of their own; None: no REST port,
+    # 0: any free port (tests). The command line's default is 8788.
+    http_port: int | None = None
+    cors_origins: tuple[str, ...] = ()  # browser origins allowed to call REST ("*": any)
 
     # Authentication
     api_keys: tuple[str, ...] = ()  # none on a loopback host: any key is accepted (with a warning)
@@ -39,6 +43,7 @@ class GatewayConfig:
 
     # Timeouts
     idle_timeout: float = 120.0
+    rest_timeout: float = 300.0  # a sync REST request answers unfinished tasks with a time-out error
     send_timeout: float = 30.0  # a frame not written within this drops the connection
     url_timeout: float = 10.0
     shutdown_grace: float = 30.0

@@ -36,9 +36,10 @@ from .protocol import (
 from .session import Session
 
 if TYPE_CHECKING:
+    from .config import GatewayConfig
     from .delivery import Gateway
 
-__all__ = ["AuthLimiter", "Connection"]
+__all__ = ["AuthLimiter", "Connection", "key_accepted"]
 
 logger = logging.getLogger(__name__)
 
@@ -83,6 +84,18 @@ class AuthLimiter:
         self._failures.setdefault(peer, deque()).append(self._clock())
         if len(self._failures) > 100_000:  # bound memory under a spray of addresses
             self._failures.pop(next(iter(self._failures)))
+
+
+def key_accepted(config: GatewayConfig, key: str) -> bool:
+    """Whether ``key`` is one of the configured API keys (any key on a loopback host
+    configured with none). Every key is compared in constant time, without stopping early."""
+    keys = config.api_keys
+    if not keys:
+        return is_loopback(config.host)
+    matched = False
+    for candidate in keys:
+        matched |= hmac.compare_digest(candidate.encode(), key.encode())
+    return matched
 
 
 class Connection:
@@ -343,7 +356,7 @@ class Connection:
         if not task.apiKey:
             self._fail_auth("missingApiKey", "apiKey is required")
             return
-        if not self._key_accepted(task.apiKey):
+        if not key_accepted(self.config, task.apiKey):
             self._fail_auth("invalidApiKey", "the API key is not valid")
             return
         if self.session is not None:
@@ -358,16 +371,6 @@ class Connection:
                 continue  # see _NO_ERROR_REPLAY_AGENTS; the task record keeps the error
             if not self.send(frame, replay=True):
                 self.gateway.state.keep(session, frame)
-
-    def _key_accepted(self, key: str) -> bool:
-        keys = self.config.api_keys
-        if not keys:
-            return is_loopback(self.config.host)
-        # Compare against every key, in constant time per key, without stopping early.
-        matched = False
-        for candidate in keys:
-            matched |= hmac.compare_digest(candidate.encode(), key.encode())
-        return matched
 
     def _fail_auth(self, code: str, message: str) -> None:
         self.auth_failures += 1

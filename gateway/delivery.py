@@ -14,6 +14,12 @@ In ``serve`` every store is in this process and nothing here waits: a task with 
 inline or stored input is admitted, and its result delivered, without a task of its
 own. In a cluster gateway the engine is the Redis queue (``cluster/queue.py``): workers
 complete the tasks, and the dispatcher only hears that they are done (``Finished``).
+
+The REST transport (``rest.py``) uses three methods beside those the socket uses:
+:meth:`Gateway.submit_upscale` returns the task's record (and records a fingerprint of
+its content, for retries), :meth:`Gateway.watch` hands over a record's terminal frame,
+and :meth:`Gateway.record_frame` is a record's current answer; the state's ``lookup``,
+``forget`` and ``transient_session`` serve its retries.
 """
 
 from __future__ import annotations
@@ -49,9 +55,10 @@ from .images import ImageStore, MemoryImageStore, StoredImage
 from .inputs import Inputs, is_url
 from .metrics import Metrics
 from .observe import TaskEnds
+from .peer import Peer
 from .protocol import GetResponse, ImageUpload, Upscale, data_frame, error_frame
 from .session import SessionStore, TaskRecord
-from .state import GatewayState, LocalState, Peer
+from .state import GatewayState, LocalState, progress_item
 
 __all__ = ["Gateway", "engine_request", "task_context"]
 
@@ -162,8 +169,12 @@ class Gateway:
 
     # Upscale
 
-    async def submit_upscale(self, peer: Peer, task: Upscale) -> None:
-        """Admit an upscale task (checks that need no I/O happen here, in frame order)."""
+    async def submit_upscale(
+        self, peer: Peer, task: Upscale, *, fingerprint: bytes | None = None
+    ) -> TaskRecord | None:
+        """Admit an upscale task (checks that need no I/O happen here, in frame order).
+        Returns its record, or None if it was refused (the error went to ``peer``).
+        ``fingerprint``: a digest of the task's content, kept so a retry can attach."""
         needs_io = task.webhookURL or task.uploadEndpoint or is_url(task.image)  # DNS or a download
         storing = None
         received = time.monotonic()
@@ -181,27 +192,45 @@ class Gateway:
                 task.taskType,
                 task.deliveryMethod == "async",
                 origin=peer,
+                fingerprint=fingerprint,
             )
         except TaskError as error:
             if storing is not None:
                 storing.add_done_callback(_consume)
             peer.send(error_frame(error.for_task(task.taskType, task.taskUUID)))
             self._refused(task, error.code, peer, received)
-            return
+            return None
         peer.in_flight += 1
         if record.deliver_async:
             peer.send(data_frame({"taskType": task.taskType, "taskUUID": task.taskUUID}))
         pending = _Pending(record, task, peer, accepted=received)
         if needs_io:
             self.spawn(self._run_upscale(pending))
-            return
+            return record
         # The common case: no I/O but the image store's, admitted here and now.
         try:
             stored = await (storing or self.inputs.resolve_local(task.image, task.image_field))
         except Exception as exc:
             await self._end(pending, exc)
-            return
+            return record
         await self._admit(pending, stored)
+        return record
+
+    async def watch(self, record: TaskRecord, send: Callable[[bytes], object]) -> None:
+        """Call ``send`` once with ``record``'s terminal frame (its result or its error,
+        payload included, as a sync task's peer gets it): now if it has finished, else
+        when it does. For the REST transport, whose requests wait on task records."""
+        if record.finished:
+            send(await self.record_frame(record))
+            return
+
+        def done(finished: TaskRecord, frame: bytes | None) -> None:
+            if frame is not None:
+                send(frame)
+            else:
+                self.spawn(self.watch(finished, send))
+
+        self.state.watch(record, done)
 
     def _check_upscale(self, peer: Peer, task: Upscale) -> None:
         if task.model is not None and task.model not in self.config.accepted_models:
@@ -481,21 +510,17 @@ class Gateway:
                 task_uuid=task.taskUUID,
             )
             peer.send(error_frame(error))
-        elif record.status == "success":
-            peer.send(data_frame(await self.completion.with_payload(record.item)))
-        elif record.status == "error":
-            peer.send(error_frame(record.error))
         else:
-            peer.send(
-                data_frame(
-                    {
-                        "taskType": record.task_type,
-                        "taskUUID": record.task_uuid,
-                        "status": "processing",
-                        "progress": record.progress,
-                    }
-                )
-            )
+            peer.send(await self.record_frame(record))
+
+    async def record_frame(self, record: TaskRecord) -> bytes:
+        """A task's current state as ``getResponse`` answers it: its result, its error, or
+        a processing item with its progress."""
+        if record.status == "success":
+            return data_frame(await self.completion.with_payload(record.item))
+        if record.status == "error":
+            return error_frame(record.error)
+        return data_frame(progress_item(record, record.progress))
 
 
 def engine_request(

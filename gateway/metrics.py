@@ -367,14 +367,19 @@ def engine_families(engine: EngineClient) -> list[Metric]:
     return [gauge("engine_requests", "Requests the engine holds now, by stage.", by={"state": by_state})]
 
 
-def gateway_families(gateway: Gateway, open_connections: Callable[[], int]) -> list[Metric]:
-    """What a gateway holds now: sockets, sessions, tasks and stored image bytes."""
+def gateway_families(gateway: Gateway, connections: dict[str, int]) -> list[Metric]:
+    """What a gateway holds now: ``connections`` open by transport (``websocket``,
+    ``rest``), sessions, tasks and stored image bytes."""
     counts = gateway.counts()
     sessions = {"attached": counts.get("sessions_attached", 0)}
     if "sessions_detached" in counts:  # known in `serve`; in a cluster they live in Redis
         sessions["detached"] = counts["sessions_detached"]
     families = [
-        gauge("connections", "Open WebSocket connections.", open_connections()),
+        gauge(
+            "connections",
+            "Open connections, by transport: WebSocket, or REST (HTTP keep-alive, idle ones included).",
+            by={"transport": connections},
+        ),
         gauge(
             "sessions",
             "Sessions: attached to a socket here, or detached and kept for a resume (serve only).",

@@ -25,6 +25,7 @@ __all__ = [
     "ImageUpload",
     "Ping",
     "Task",
+    "TooManyTasks",
     "Upscale",
     "data_frame",
     "error_frame",
@@ -141,6 +142,11 @@ _JSON_TYPES = {
 }
 
 
+class TooManyTasks(TaskError):
+    """:func:`parse_frame`'s error for a frame over ``max_tasks`` (the REST transport
+    answers it with 413, where other frame faults are 400)."""
+
+
 def parse_frame(data: str | bytes, *, max_tasks: int = 256) -> TaskError | list[Task | TaskError]:
     """Parse one client frame. A frame-level problem returns one :class:`TaskError`;
     otherwise each task object yields its model or its own error, in order."""
@@ -158,7 +164,7 @@ def parse_frame(data: str | bytes, *, max_tasks: int = 256) -> TaskError | list[
     if not payload:
         return TaskError("invalidPayload", "the task array is empty")
     if len(payload) > max_tasks:
-        return TaskError(
+        return TooManyTasks(
             "invalidPayload",
             f"the frame holds {len(payload)} tasks; at most {max_tasks} are accepted per frame",
         )

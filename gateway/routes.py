@@ -3,8 +3,8 @@
 One table, no I/O of its own: :meth:`Routes.get` takes a path and returns an
 :class:`HttpResponse` (or ``None`` for "not mine"). Each HTTP front end adapts it to
 its server: websockets' ``process_request`` on the WebSocket port
-(``server.py``), and any other HTTP server the gateway runs. A new endpoint is one
-entry in :meth:`Routes.get`, and every port has it.
+(``server.py``), aiohttp on the REST port (``rest.py``), and any other HTTP server the
+gateway runs. A new endpoint is one entry in :meth:`Routes.get`, and every port has it.
 
 - ``GET /healthz``: the process is alive.
 - ``GET /readyz``: the model (or the cluster) can take tasks; 503 otherwise.

@@ -2,7 +2,9 @@
 
 WebSocket at ``/``, ``/v1`` and ``/v1/`` (query strings ignored); plain HTTP on the
 same port through websockets' ``process_request``: the ``GET`` endpoints of
-:mod:`gateway.routes` (images, health, readiness, stats, the playground).
+:mod:`gateway.routes` (images, health, readiness, stats, the playground). With ``http_port``
+set, the REST transport (:mod:`gateway.rest`) on that port, with the same ``GET``
+endpoints, the same gateway and the same failed-authentication limiter.
 
 Shutdown is a procedure, like websockets' ``Server.close()``: stop accepting, let
 in-flight tasks finish within a grace period, close sockets with 1001, stop the engine.
@@ -28,6 +30,7 @@ from .delivery import Gateway
 from .http import Outbound
 from .images import ImageStore
 from .metrics import Metrics, gateway_families
+from .rest import RestServer
 from .routes import HttpResponse, Routes, metrics_response, text
 from .state import GatewayState
 
@@ -71,11 +74,19 @@ class GatewayServer:
         self.limiter = AuthLimiter(config.auth_failures_per_minute, clock)
         self.connections: set[Connection] = set()
         if self.metrics is not None:
-            self.metrics.add_source(lambda: gateway_families(self.gateway, lambda: len(self.connections)))
+            self.metrics.add_source(lambda: gateway_families(self.gateway, self._open_connections()))
         on_main_port = self.metrics if config.metrics_port is None else None
         self.routes = Routes(self.gateway, open_connections=lambda: len(self.connections), metrics=on_main_port)
         self._server: Server | None = None
         self._metrics_server: Server | None = None
+        self.rest: RestServer | None = None
+
+    def _open_connections(self) -> dict[str, int]:
+        """Open connections by transport, for the metrics."""
+        counts = {"websocket": len(self.connections)}
+        if self.rest is not None:
+            counts["rest"] = self.rest.open_connections()
+        return counts
 
     async def __aenter__(self) -> GatewayServer:
         await self.start()
@@ -92,6 +103,12 @@ class GatewayServer:
     @property
     def url(self) -> str:
         return f"ws://{self.config.host}:{self.port}/v1"
+
+    @property
+    def http_url(self) -> str:
+        """The REST endpoint (``http_port`` must be set)."""
+        assert self.rest is not None, "no REST port: set GatewayConfig.http_port"
+        return f"http://{self.config.host}:{self.config.http_port}/v1"
 
     async def start(self) -> None:
         if not self.config.api_keys:
@@ -121,6 +138,11 @@ class GatewayServer:
         if self.config.port == 0:  # an ephemeral port: URLs must name the real one
             self.config.port = self.port
         logger.info("serving on ws://%s:%d/v1", self.config.host, self.port)
+        if self.config.http_port is not None:
+            self.rest = RestServer(self.gateway, self.limiter, self.routes)
+            await self.rest.start(self.config.host, self.config.http_port)
+            self.config.http_port = self.rest.port  # (the real one, if it was 0)
+            logger.info("serving REST on %s", self.http_url)
         if self.metrics is not None and self.config.metrics_port is not None:
             self._metrics_server = await serve_metrics(self.metrics, self.config.host, self.config.metrics_port)
 
@@ -136,6 +158,8 @@ class GatewayServer:
             return
         grace = self.config.shutdown_grace if grace is None else grace
         self._server.close(close_connections=False)
+        if self.rest is not None:
+            await self.rest.stop_accepting()
         deadline = time.monotonic() + grace
         while self.gateway.busy and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
@@ -143,7 +167,9 @@ class GatewayServer:
             # Let queued results reach their clients before the close frame.
             connection._close_after_flush(1001, "server shutting down")
         await asyncio.wait_for(self._server.wait_closed(), timeout=10)
-        await self.gateway.close()
+        await self.gateway.close()  # REST requests still waiting get their tasks' taskAborted
+        if self.rest is not None:
+            await self.rest.close()
         if self._metrics_server is not None:
             self._metrics_server.close()
             await self._metrics_server.wait_closed()

@@ -7,11 +7,14 @@ A session is what a client resumes with ``connectionSessionUUID``::
        └──authenticates again───┘  (same API key; its undelivered results replay once)
 
 Results for a detached session wait in its replay buffer. A session belongs to the API
-key that opened it: resuming it with another key gets a fresh session.
+key that opened it: resuming it with another key gets a fresh session. REST requests
+share a :meth:`~SessionStore.transient` session: never attached, never resumed, it keeps
+nothing (their results reach them through the task records).
 
-Task records remember every ``taskUUID`` while it runs and for ``record_ttl`` after:
-a known ``taskUUID`` is refused (``conflictTaskUUID``), whichever API key sends it, and
-``getResponse`` answers only the key that sent the task.
+Task records remember every ``taskUUID`` while it runs and for ``record_ttl`` after.
+A ``taskUUID`` is unique across API keys (a second task with it, from any key, gets
+``conflictTaskUUID``), while :meth:`~SessionStore.lookup` (``getResponse``) only finds
+the records of the asking key.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import uuid
 from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from itertools import count
 
 from .errors import TaskError
 
@@ -35,6 +39,7 @@ class Session:
     detached_at: float | None = None
     expired: bool = False  # past its TTL: forgotten, and keeps nothing more
     replay: deque[bytes] = field(default_factory=deque)  # frames that found no socket
+    resumable: bool = True  # False for a REST request's transient session
 
 
 @dataclass(eq=False)
@@ -49,6 +54,11 @@ class TaskRecord:
     item: dict | None = None  # the success item
     error: TaskError | None = None
     finished_at: float | None = None
+    # Set by the REST transport: a digest of the task's content, so that a retry of the
+    # same task (same key, same content) can attach to it instead of conflicting.
+    fingerprint: bytes | None = None
+    # Callbacks for when it finishes (GatewayState.watch); emptied when the task finishes.
+    watchers: list[Callable] | None = None
 
     @property
     def finished(self) -> bool:
@@ -71,8 +81,9 @@ class SessionStore:
         self.max_replay = max_replay
         self.clock = clock
         self._sessions: dict[str, Session] = {}
-        self._records: dict[str, TaskRecord] = {}  # by taskUUID
+        self._records: dict[str, TaskRecord] = {}  # taskUUID → record, whatever its key
         self._finished: OrderedDict[str, TaskRecord] = OrderedDict()  # in finishing order
+        self._transient_ids = count()
         self._running: dict[str, int] = {}  # API key → unfinished tasks
         self._expired_at = float("-inf")
 
@@ -92,14 +103,20 @@ class SessionStore:
         self._sessions[session.session_id] = session
         return session, []
 
+    def transient(self) -> Session:
+        """A session for REST requests (any key): never attached and not resumable, so it
+        keeps no frames; their results reach them through the task records."""
+        return Session(f"transient-{next(self._transient_ids)}", "", attached=False, resumable=False)
+
     def detach(self, session: Session) -> None:
         session.attached, session.detached_at = False, self.clock()
 
     def keep(self, session: Session, frame: bytes) -> None:
         """Hold a frame for a session whose socket is gone (bounded: oldest dropped).
         An expired session can never be resumed, so it keeps nothing (its task records
-        still point at it, and would otherwise hold the frames for the record TTL)."""
-        if session.expired:
+        still point at it, and would otherwise hold the frames for the record TTL), and
+        neither does a transient one."""
+        if session.expired or not session.resumable:
             return
         session.replay.append(frame)
         while len(session.replay) > self.max_replay:
@@ -133,7 +150,7 @@ class SessionStore:
     def register(
         self, api_key: str, session: Session, task_uuid: str, task_type: str, deliver_async: bool
     ) -> TaskRecord:
-        """A new task; raises ``conflictTaskUUID`` if ``task_uuid`` is known."""
+        """A new task; raises ``conflictTaskUUID`` if ``task_uuid`` is known (for any key)."""
         self.expire()
         if task_uuid in self._records:
             raise TaskError(
@@ -162,8 +179,16 @@ class SessionStore:
         self._bound_records()
         return True
 
+    def forget(self, record: TaskRecord) -> None:
+        """Drop a finished record, so that its ``taskUUID`` can run again (a REST retry
+        of a task that failed for a reason a retry may cure)."""
+        assert record.finished, "a running task's record is never forgotten"
+        if self._records.get(record.task_uuid) is record:
+            del self._records[record.task_uuid]
+            self._finished.pop(record.task_uuid, None)
+
     def lookup(self, api_key: str, task_uuid: str) -> TaskRecord | None:
-        """``api_key``'s task ``task_uuid``; None for another key's (as for an unknown one)."""
+        """``api_key``'s record of ``task_uuid`` (another key's is not found)."""
         self.expire()
         record = self._records.get(task_uuid)
         return record if record is not None and record.api_key == api_key else None

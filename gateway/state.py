@@ -10,33 +10,21 @@ each frame to whichever socket holds its session. Two implementations:
   Redis, so that any gateway can resume a session, any worker can finish a task, and
   every process agrees on what is finished.
 
-A *peer* is whatever holds a session for a client: a WebSocket connection, or one REST
-request. The core needs only what :class:`Peer` names.
+A *peer* (``peer.py``) is whatever sent a task: a WebSocket connection, or one task of a
+REST request.
 """
 
 from __future__ import annotations
 
 import abc
-from typing import Protocol
+from collections.abc import Callable
 
 from .errors import TaskError
+from .peer import Peer
 from .protocol import data_frame, error_frame
 from .session import Session, SessionStore, TaskRecord
 
 __all__ = ["GatewayState", "LocalState", "Peer"]
-
-
-class Peer(Protocol):
-    api_key: str
-    session: Session | None
-    in_flight: int  # its tasks not yet answered (the per-connection limit)
-    #: False for clients that fail every task on an error frame they cannot route
-    #: (runware-python): such a peer gets only its own tasks' errors live.
-    replays_errors: bool
-
-    def send(self, frame: bytes) -> bool:
-        """Queue ``frame`` for the client; False if it can no longer take it."""
-        ...
 
 
 class GatewayState(abc.ABC):
@@ -99,9 +87,26 @@ class GatewayState(abc.ABC):
         task_type: str,
         deliver_async: bool,
         origin: Peer | None = None,
+        fingerprint: bytes | None = None,
     ) -> TaskRecord:
-        """A new task (``origin``: the peer that sent it); raises ``conflictTaskUUID``
-        if ``task_uuid`` is known."""
+        """A new task (``origin``: the peer that sent it; ``fingerprint``: a digest of its
+        content, for REST retries); raises ``conflictTaskUUID`` if ``task_uuid`` is known."""
+
+    @abc.abstractmethod
+    async def forget(self, record: TaskRecord) -> None:
+        """Drop a finished record, so that its ``taskUUID`` can run again (a REST retry
+        of a task that failed for a reason a retry may cure)."""
+
+    @abc.abstractmethod
+    def transient_session(self) -> Session:
+        """A session for REST requests: never attached, never resumed, it keeps nothing
+        (their results reach them through the task records: :meth:`watch`)."""
+
+    @abc.abstractmethod
+    def watch(self, record: TaskRecord, callback: Callable[[TaskRecord, bytes | None], None]) -> None:
+        """Call ``callback(finished_record, frame)`` once when the unfinished task of
+        ``record`` finishes; ``frame`` is its terminal frame when it is at hand here,
+        else None (build it from the record)."""
 
     @abc.abstractmethod
     async def finish(
@@ -177,8 +182,23 @@ class LocalState(GatewayState):
         task_type: str,
         deliver_async: bool,
         origin: Peer | None = None,
+        fingerprint: bytes | None = None,
     ) -> TaskRecord:
-        return self.sessions.register(api_key, session, task_uuid, task_type, deliver_async)
+        record = self.sessions.register(api_key, session, task_uuid, task_type, deliver_async)
+        record.fingerprint = fingerprint
+        return record
+
+    async def forget(self, record: TaskRecord) -> None:
+        self.sessions.forget(record)
+
+    def transient_session(self) -> Session:
+        return self.sessions.transient()
+
+    def watch(self, record: TaskRecord, callback: Callable[[TaskRecord, bytes | None], None]) -> None:
+        if record.watchers is None:
+            record.watchers = [callback]
+        else:
+            record.watchers.append(callback)
 
     async def finish(
         self,
@@ -193,17 +213,24 @@ class LocalState(GatewayState):
         # from the image store), so an hour of task records never holds an hour of images.
         if not self.sessions.finish(record, item=without_payload(item), error=error):
             return False
+        frame = None
+        if not record.deliver_async or record.watchers:
+            frame = data_frame(item) if error is None else error_frame(error)
+        if record.watchers:  # REST requests waiting for this task
+            watchers, record.watchers = record.watchers, None
+            for watcher in watchers:
+                watcher(record, frame)
         if record.deliver_async:
             return True
         if error is None:
-            self.deliver(record.session, data_frame(item))
+            self.deliver(record.session, frame)
             return True
         # An error goes where a result would, except to a socket other than the one that
         # sent the task whose client cannot route it (``Peer.replays_errors``): the task
         # record keeps it for getResponse.
         peer = self._attached.get(record.session.session_id)
         if peer is None or peer is origin or peer.replays_errors:
-            self.deliver(record.session, error_frame(error))
+            self.deliver(record.session, frame)
         return True
 
     def progress(self, record: TaskRecord, percent: int, live: bool) -> None:

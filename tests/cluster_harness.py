@@ -86,6 +86,10 @@ class Role:
         self.log = log_dir / f"{kind}-{name}.log"
         command = [sys.executable, "-m", "gateway", kind, *args]
         command += ["--http-port" if kind == "worker" else "--port", str(self.port)]
+        self.rest_port = None
+        if kind != "worker":  # the REST transport, on a port of its own
+            self.rest_port = free_port()
+            command += ["--http-port", str(self.rest_port)]
         if kind == "worker":
             command += ["--worker-id", name]
         with open(self.log, "ab") as log:
@@ -100,6 +104,11 @@ class Role:
     @property
     def http(self) -> str:
         return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def rest(self) -> str:
+        """The REST endpoint (``POST``) of a gateway or serve."""
+        return f"http://127.0.0.1:{self.rest_port}/v1"
 
     async def get(self, path: str) -> httpx.Response:
         async with httpx.AsyncClient(timeout=5) as client:

@@ -30,8 +30,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def serve_command(port: int, *extra: str, model: str = "tiny") -> list[str]:
-    """``python -m gateway serve`` (on the tiny model by default), for tests that need a real process."""
+def serve_command(port: int, *extra: str, model: str = "tiny", http_port: int | None = None) -> list[str]:
+    """``python -m gateway serve`` (on the tiny model by default), for tests that need a real process.
+    REST is off unless ``http_port`` is given (the command line's default port is fixed)."""
     import sys
 
     return [
@@ -45,6 +46,8 @@ def serve_command(port: int, *extra: str, model: str = "tiny") -> list[str]:
         "cpu",
         "--port",
         str(port),
+        "--http-port",
+        "off" if http_port is None else str(http_port),
         *extra,
     ]
 

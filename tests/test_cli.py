@@ -97,3 +97,24 @@ def test_bad_engine_scheduling_values_are_refused(monkeypatch):
         parse(["--torch-threads", "0"], monkeypatch)
     with pytest.raises(ValueError, match="LATENT_UPSCALER_VAE_OVERLAP"):
         parse([], monkeypatch, LATENT_UPSCALER_VAE_OVERLAP="sometimes")
+
+
+def test_rest_flags(monkeypatch):
+    import pytest
+
+    defaults = parse([], monkeypatch)
+    assert (defaults.http_port, defaults.rest_timeout, defaults.cors_origins) == (8788, 300.0, ())
+    assert parse(["--http-port", "off"], monkeypatch).http_port is None
+    config = parse(
+        ["--cors-origin", "https://a.example", "--cors-origin", "*", "--rest-timeout", "30"],
+        monkeypatch,
+        LATENT_UPSCALER_HTTP_PORT="9001",
+    )
+    assert config.http_port == 9001 and config.rest_timeout == 30.0
+    assert config.cors_origins == ("https://a.example", "*")
+    from_env = parse([], monkeypatch, LATENT_UPSCALER_CORS_ORIGIN="https://b.example, https://c.example")
+    assert from_env.cors_origins == ("https://b.example", "https://c.example")
+    monkeypatch.setenv("LATENT_UPSCALER_HTTP_PORT", "off")
+    assert parse([], monkeypatch).http_port is None
+    with pytest.raises(ValueError, match="must differ from --port"):
+        parse(["--http-port", "8787"], monkeypatch)

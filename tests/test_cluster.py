@@ -324,7 +324,9 @@ async def test_workers_pull_by_capacity_and_fill_their_batches(cluster):
     w1 = cluster.worker("w1", "--max-batch-rows", "4")
     w2 = cluster.worker("w2", "--max-batch-rows", "4")
     await cluster.ready(gw, w1, w2)
-    tasks = [upscale_task(settings={"steps": 20}) for _ in range(8)]  # one shape, no guidance
+    # One shape, no guidance. The engine may encode a burst's inputs in two VAE batches
+    # (the second joins the UNet a tick later): enough steps that such a ramp costs < 10 %.
+    tasks = [upscale_task(settings={"steps": 40}) for _ in range(8)]
     async with connected(gw.url) as c:
         results = await c.run(tasks, timeout=120)
     assert all(terminal(items)[0]["status"] == "success" for items in results.values())
@@ -332,3 +334,34 @@ async def test_workers_pull_by_capacity_and_fill_their_batches(cluster):
         engine = (await worker.stats())["engine"]
         assert engine["succeeded"] >= 0.4 * len(tasks), engine
         assert engine["mean_rows"] >= 0.9 * 4, engine
+
+
+async def test_rest_on_cluster_gateways_with_retries_across_them(cluster):
+    """REST (POST /v1) on a cluster gateway: a sync task waits for the worker's result;
+    the same task re-POSTed to the other gateway attaches to it (its result, not a
+    second run); another key's retry conflicts; async + getResponse work across gateways."""
+    a, b = cluster.gateway("a"), cluster.gateway("b")
+    w = cluster.worker("w")
+    await cluster.ready(a, b, w)
+    headers = {"Authorization": "Bearer test-key"}
+    task = upscale_task(settings={"steps": 3, "seed": 11})
+    later = upscale_task(deliveryMethod="async")
+    async with httpx.AsyncClient(timeout=60) as http:
+        first = await http.post(a.rest, json=[task], headers=headers)
+        assert first.status_code == 200, first.text
+        item = first.json()["data"][0]
+        again = await http.post(b.rest, json=[task], headers=headers)
+        assert again.status_code == 200 and again.json()["data"][0]["imageUUID"] == item["imageUUID"]
+        other = await http.post(b.rest, json=[task], headers={"Authorization": "Bearer another-key"})
+        assert other.status_code == 409 and other.json()["errors"][0]["code"] == "conflictTaskUUID"
+        ack = await http.post(b.rest, json=[later], headers=headers)
+        assert ack.status_code == 200 and ack.json()["data"][0]["taskUUID"] == later["taskUUID"]
+
+        async def done():
+            polled = await http.post(
+                a.rest, json=[{"taskType": "getResponse", "taskUUID": later["taskUUID"]}], headers=headers
+            )
+            return polled.json()["data"][0]["status"] == "success" and polled
+
+        assert await wait_for(done, timeout=60, every=0.3)
+    assert (await w.stats())["engine"]["succeeded"] == 2  # the retry ran nothing

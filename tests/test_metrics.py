@@ -48,7 +48,7 @@ def outcomes(samples: dict) -> Counter:
 
 async def test_a_mixed_burst_is_counted_per_outcome_and_gauges_return_to_idle(local_http):
     local_http.files["/in.png"] = (png_bytes(30, 20), "image/png")
-    config = GatewayConfig(port=0, allow_private_networks=True)
+    config = GatewayConfig(port=0, http_port=0, allow_private_networks=True)
     not_an_image = data_uri(b"this is not an image at all", "image/png")
     ok = [upscale_task() for _ in range(5)]
     later = [upscale_task(deliveryMethod="async") for _ in range(2)]
@@ -67,13 +67,17 @@ async def test_a_mixed_burst_is_counted_per_outcome_and_gauges_return_to_idle(lo
             acks = [await c.recv() for _ in later]  # async: an acknowledgement, no result
             conflict = await c.error([ok[0]])  # a known taskUUID, refused at admission
             await wait_until(lambda: len(local_http.received) == 1)  # the webhook
-            during = await scrape(server.port)
+            async with httpx.AsyncClient(headers={"Authorization": "Bearer test-key"}) as rest:
+                over_rest = (await rest.post(server.http_url, json=[upscale_task()])).json()
+                during = await scrape(server.port)
         assert all("data" in ack for ack in acks)
+        assert over_rest["data"][0]["status"] == "success"
         await wait_until(lambda: len(server.connections) == 0 and not server.gateway.busy)
         after = await scrape(server.port)
 
     # Counters: exactly what the client received, per task type and outcome.
-    expected = Counter({("imageUpscale", "success"): len(later)})  # async ones: counted when done
+    # The async ones are counted when done; one more success came over REST.
+    expected = Counter({("imageUpscale", "success"): len(later) + 1})
     for items in seen.values():
         item = items[-1]
         task_type = "imageUpload" if item["taskType"] == "imageUpload" else "imageUpscale"
@@ -82,12 +86,12 @@ async def test_a_mixed_burst_is_counted_per_outcome_and_gauges_return_to_idle(lo
     assert outcomes(after) == expected
     assert expected[("imageUpscale", "invalidInputImage")] == len(bad) + 1  # + the URL that 404s
     assert {("imageUpscale", "invalidModel"), ("imageUpscale", "invalidSteps")} <= set(expected)
-    assert expected[("imageUpload", "success")] == 1 and sum(expected.values()) == 16
+    assert expected[("imageUpload", "success")] == 1 and sum(expected.values()) == 17
     # Latency: every task that was accepted (refused ones are counted, not timed).
     count = "latent_upscaler_task_latency_seconds_count"
-    assert value(after, count, delivery="sync") == len(ok) + len(bad) + 2
+    assert value(after, count, delivery="sync") == len(ok) + len(bad) + 3
     assert value(after, count, delivery="async") == len(later)
-    assert value(after, "latent_upscaler_task_latency_seconds_bucket", delivery="sync", le="+Inf") == len(ok) + 4
+    assert value(after, "latent_upscaler_task_latency_seconds_bucket", delivery="sync", le="+Inf") == len(ok) + 5
     # Outbound requests, by kind and outcome.
     outbound = "latent_upscaler_outbound_requests_total"
     assert value(after, outbound, kind="input", outcome="success") == 1
@@ -95,9 +99,9 @@ async def test_a_mixed_burst_is_counted_per_outcome_and_gauges_return_to_idle(lo
     assert value(after, outbound, kind="webhook", outcome="success") == 1
     assert value(after, outbound, kind="upload", outcome="success") == 0
     # Gauges: busy while connected, idle after.
-    assert value(during, "latent_upscaler_connections") == 1
+    assert by_label(during, "latent_upscaler_connections", "transport") == {"websocket": 1, "rest": 1}
     assert value(during, "latent_upscaler_sessions", state="attached") == 1
-    assert value(after, "latent_upscaler_connections") == 0
+    assert by_label(after, "latent_upscaler_connections", "transport") == {"websocket": 0, "rest": 0}
     assert by_label(after, "latent_upscaler_sessions", "state") == {"attached": 0, "detached": 1}
     assert value(after, "latent_upscaler_tasks_in_flight") == 0
     assert by_label(after, "latent_upscaler_engine_requests", "state") == {"waiting": 0, "denoising": 0, "decoding": 0}
@@ -161,7 +165,7 @@ async def test_a_scrape_during_a_burst_never_blocks_or_fails():
             running = asyncio.ensure_future(c.run(tasks, timeout=120))
             while not running.done():
                 samples = await scrape(server.port)
-                assert value(samples, "latent_upscaler_connections") == 1
+                assert value(samples, "latent_upscaler_connections", transport="websocket") == 1
                 await asyncio.sleep(0.05)
             await running
         samples = await scrape(server.port)

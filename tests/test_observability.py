@@ -90,9 +90,10 @@ async def wait_ready(port: int, process: subprocess.Popen, timeout: float = 60) 
             await asyncio.sleep(0.1)
 
 
-async def use_everything(url: str, local_http) -> tuple[list[str], dict]:
-    """Tasks that carry every secret and payload there is; returns the payloads sent and
-    received (as base64 or data URIs) and the terminal items by taskUUID."""
+async def use_everything(url: str, local_http, rest_url: str) -> tuple[list[str], dict]:
+    """Tasks that carry every secret and payload there is, over WebSocket and REST;
+    returns the payloads sent and received (as base64 or data URIs) and the terminal
+    items by taskUUID."""
     inputs = [data_uri(noisy_png(48, 40)), base64.b64encode(noisy_png(40, 32)).decode()]
     upload_input = data_uri(noisy_png(36, 36))
     local_http.files[f"/in.png?{SIGNATURE}"] = (noisy_png(32, 32), "image/png")
@@ -126,10 +127,17 @@ async def use_everything(url: str, local_http) -> tuple[list[str], dict]:
             if polled.get("status") == "success":
                 break
             await asyncio.sleep(0.1)
+    over_rest = upscale_task(data_uri(noisy_png(44, 28)), outputType="dataURI")
+    async with httpx.AsyncClient(timeout=120) as http:
+        refused = await http.post(rest_url, json=[upscale_task()], headers={"Authorization": f"Bearer {WRONG_KEY}"})
+        assert refused.status_code == 401
+        answer = await http.post(rest_url, json=[over_rest], headers={"Authorization": f"Bearer {KEY}"})
+    inputs.append(over_rest["inputImage"])
     items = {uuid: found[-1] for uuid, found in seen.items()}
     items[later["taskUUID"]] = polled
+    items[over_rest["taskUUID"]] = answer.json()["data"][0]
     outputs = [i.get("imageBase64Data") or i.get("imageDataURI") for i in items.values()]
-    assert sum(1 for o in outputs if o) == 4, items
+    assert sum(1 for o in outputs if o) == 5, items
     assert [i.get("code") for i in items.values()].count(None) == len(items) - 1, items
     assert items[tasks[-1]["taskUUID"]]["code"] == "invalidInputImage"
     return [*inputs, upload_input, *(o for o in outputs if o)], items
@@ -151,15 +159,16 @@ def assert_task_lines(lines: list[dict], items: dict, **expected) -> None:
 
 
 async def test_serve_json_logs_at_debug_hold_no_keys_payloads_or_signed_urls(local_http, tmp_path):
-    port = free_port()
+    port, http_port = free_port(), free_port()
     log = tmp_path / "serve.log"
     command = serve_command(port, "--log-level", "DEBUG", "--log-format", "json", "--api-key", KEY)
-    command += ["--allow-private-networks"]
+    command += ["--allow-private-networks", "--http-port", str(http_port)]
     with open(log, "wb") as out:
         process = subprocess.Popen(command, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
     try:
         await wait_ready(port, process)
-        payloads, items = await use_everything(f"ws://127.0.0.1:{port}/v1", local_http)
+        rest_url = f"http://127.0.0.1:{http_port}/v1"
+        payloads, items = await use_everything(f"ws://127.0.0.1:{port}/v1", local_http, rest_url)
     finally:
         process.send_signal(signal.SIGTERM)
         process.wait(30)
@@ -228,7 +237,7 @@ async def test_cluster_json_logs_hold_no_secrets_and_the_dashboard_matches_every
 ):
     debug_json = ["--log-level", "DEBUG", "--log-format", "json", "--allow-private-networks"]
     cluster = Cluster(redis_for_logs, tmp_path, common=["--claim-timeout", "2", "--shutdown-grace", "3", *debug_json])
-    gateway = cluster.gateway("gw", "--api-key", KEY)
+    gateway = cluster.gateway("gw", "--api-key", KEY)  # REST on gateway.rest too
     try:
         await cluster.ready(gateway)
         # No worker yet: queued tasks are the backlog, on the gateway's metrics.
@@ -243,7 +252,7 @@ async def test_cluster_json_logs_hold_no_secrets_and_the_dashboard_matches_every
         assert "latent_upscaler_cluster_workers 0.0" in waiting
         worker = cluster.worker("w1")
         await cluster.ready(worker)
-        payloads, items = await use_everything(gateway.url, local_http)
+        payloads, items = await use_everything(gateway.url, local_http, gateway.rest)
         async with serving(engine=NullEngineClient()) as server:
             names = await exported(server.port)
         names |= await exported(gateway.port) | await exported(worker.port)

@@ -71,6 +71,22 @@ def test_task_records_conflict_finish_once_and_expire():
     assert store.running("k") == 0 and store.lookup("k", "t1").item == {"ok": 1}
     clock.advance(3601)
     assert store.lookup("k", "t1") is None
+    store.register("other", session, "t1", "imageUpscale", False)  # forgotten: free again
+
+
+def test_a_forgotten_record_frees_its_uuid_and_transient_sessions_keep_nothing():
+    store = SessionStore()
+    session = store.transient()
+    record = store.register("k", session, "t1", "imageUpscale", False)
+    store.finish(record, error=TaskError("rateLimitExceeded", "busy"))
+    store.forget(record)
+    assert store.lookup("k", "t1") is None
+    again = store.register("k", session, "t1", "imageUpscale", False)
+    assert store.lookup("k", "t1") is again
+    store.keep(session, b"frame")
+    assert not session.resumable and not session.replay
+    resumed, replay = store.open("k", session.session_id)  # never resumed
+    assert resumed is not session and replay == []
 
 
 def test_image_store_ttl_and_byte_budget():

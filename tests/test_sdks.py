@@ -143,9 +143,10 @@ def js_folder() -> Path:
 
 
 class LiveServer:
-    def __init__(self, port: int, log_path: Path) -> None:
+    def __init__(self, port: int, http_port: int, log_path: Path) -> None:
         self.port = port
         self.url = f"ws://127.0.0.1:{port}/v1"
+        self.http_url = f"http://127.0.0.1:{http_port}/v1"
         self.log_path = log_path
 
     def log_tail(self) -> str:
@@ -154,12 +155,14 @@ class LiveServer:
 
 @pytest.fixture(scope="module")
 def live_server(tmp_path_factory):
-    port = free_port()
+    port, http_port = free_port(), free_port()
     log_path = tmp_path_factory.mktemp("server") / "server.log"
     log = log_path.open("w")
-    command = serve_command(port, "--host", "127.0.0.1", "--api-key", API_KEY, "--log-level", "WARNING")
+    command = serve_command(
+        port, "--host", "127.0.0.1", "--api-key", API_KEY, "--log-level", "WARNING", http_port=http_port
+    )
     process = subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
-    server = LiveServer(port, log_path)
+    server = LiveServer(port, http_port, log_path)
     try:
         deadline = time.monotonic() + 120
         while True:
@@ -192,7 +195,7 @@ def input_png(tmp_path_factory) -> Path:
 
 def _run_client(command: list[str], server: LiveServer, cwd: Path | None = None) -> dict:
     result = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=cwd)
-    where = f"{Path(command[1]).name} against {server.url}"
+    where = f"{Path(command[1]).name} against {command[2]}"
     assert result.returncode == 0, (
         f"{where} failed (rc {result.returncode}):\nstdout:\n{result.stdout[-2000:]}\n"
         f"stderr:\n{result.stderr[-4000:]}\nserver log:\n{server.log_tail()}"
@@ -288,6 +291,42 @@ def test_new_python_sdk(new_python, live_server, input_png, tmp_path):
     assert summary["error"]["parameter"] == "upscaleFactor", summary["error"]
     assert _is_uuid(summary["error"]["task_uuid"]), summary["error"]
     assert summary["bad-key"]["code"] == "auth", summary["bad-key"]
+    assert summary["bad-key-seconds"] < 20, summary
+
+
+def test_new_python_sdk_over_rest(new_python, live_server, input_png, tmp_path):
+    summary = _run_client(
+        [
+            str(new_python),
+            str(CLIENTS / "new_python_rest.py"),
+            live_server.http_url,
+            API_KEY,
+            str(input_png),
+            str(tmp_path),
+        ],
+        live_server,
+    )
+    for delivery in ("sync", "async"):  # every output type and format, both ways
+        results = summary[delivery]
+        assert len(results) == 9, results
+        for result in results.values():
+            _check_image(result["file"])  # in the format its name says
+            assert result["items"] == 1 and result["taskType"] == "upscale", result
+    default = summary["default-async"]
+    _check_image(default["file"])
+    assert default["items"] == 1 and default["taskType"] == "upscale", default
+    assert isinstance(default["cost"], float) and default["cost"] > 0, default
+    upload = summary["upload"]
+    assert _is_uuid(upload["imageUUID"]) and upload["taskType"] == "imageUpload", upload
+    _check_image(summary["by-uuid"]["file"])
+    assert summary["by-uuid"]["inputImageUUID"] == upload["imageUUID"], summary["by-uuid"]
+    # runware-sdk maps server codes to categories: invalid… → "validation", …ApiKey → "auth".
+    error = summary["error"]
+    assert (error["code"], error["parameter"], error["status"]) == ("validation", "upscaleFactor", 400), error
+    assert _is_uuid(error["task_uuid"]), error
+    # Its client time-out re-POSTed the task (normally at least once), and the retry attached.
+    _check_image(summary["retried"]["file"])
+    assert summary["bad-key"]["code"] == "auth" and summary["bad-key"]["status"] == 401, summary["bad-key"]
     assert summary["bad-key-seconds"] < 20, summary
 
 

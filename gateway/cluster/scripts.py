@@ -8,7 +8,7 @@ spell a name of their own. Only commands of Redis 7.0 are used (no ``XACKDEL``, 
 a retried call after a failover).
 
 - :data:`REGISTER` — a new task record, or what is known of an existing one (a
-  conflict, or a retry the caller may attach to).
+  conflict, or a retry the caller may attach to); :data:`FORGET` drops a finished one.
 - :data:`ENQUEUE` — global backpressure check, then the task's queue entry.
 - :data:`PULL` — a worker takes entries by capacity: first from the shapes it runs,
   then, when it may take a new shape, from the one whose oldest entry waited longest.
@@ -25,7 +25,20 @@ a retried call after a failover).
 
 from __future__ import annotations
 
-NAMES = ("REGISTER", "ENQUEUE", "PULL", "START", "REFRESH", "FINISH", "PROGRESS", "OPEN", "TAKE", "DETACH", "KEEP")
+NAMES = (
+    "REGISTER",
+    "FORGET",
+    "ENQUEUE",
+    "PULL",
+    "START",
+    "REFRESH",
+    "FINISH",
+    "PROGRESS",
+    "OPEN",
+    "TAKE",
+    "DETACH",
+    "KEEP",
+)
 
 # Shared Lua: append a frame to session SID's outbox if the session still exists, keep
 # the outbox as long as the session, and hint its owning gateway.
@@ -75,6 +88,13 @@ redis.call('HSET', KEYS[1], 'key', ARGV[1], 'sid', ARGV[2], 'async', ARGV[3], 't
   'status', 'processing', 'progress', '0', 'gw', ARGV[6], 'origin', ARGV[7], 'fp', ARGV[8], 'runs', '0')
 redis.call('PEXPIRE', KEYS[1], ARGV[5])
 return {0}
+"""
+
+# KEYS: task. Deletes a finished record (a REST retry may run its taskUUID again).
+FORGET = """
+local status = redis.call('HGET', KEYS[1], 'status')
+if status and status ~= 'processing' then return redis.call('DEL', KEYS[1]) end
+return 0
 """
 
 # KEYS: task, shapes set, the shape's queue. ARGV: max queued (0: no bound), shape,

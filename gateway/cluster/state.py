@@ -80,6 +80,8 @@ class RedisState(GatewayState):
         self._peer_ids: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         self._ids = itertools.count()
         self._answered: OrderedDict[str, None] = OrderedDict()  # see ANSWERED_LOCALLY
+        # REST requests waiting for tasks: task → [(record, callback)] (see watch)
+        self._watched: dict[str, list[tuple[TaskRecord, Callable[[TaskRecord, bytes | None], None]]]] = {}
         self._progress: dict[str, tuple[str, str, bytes]] = {}  # task → (key, percent, frame)
         self._flushing = False
         self._jobs: set[asyncio.Task] = set()
@@ -204,6 +206,7 @@ class RedisState(GatewayState):
         task_type: str,
         deliver_async: bool,
         origin: Peer | None = None,
+        fingerprint: bytes | None = None,
     ) -> TaskRecord:
         args = [
             keys.key_hash(api_key),
@@ -213,7 +216,7 @@ class RedisState(GatewayState):
             _ms(self.record_ttl),
             self.member_id,
             self._peer_id(origin) if origin is not None else "",
-            "",
+            fingerprint.hex() if fingerprint else "",
         ]
         try:
             known = await self.link.script("REGISTER", [keys.task(task_uuid)], args)
@@ -227,7 +230,56 @@ class RedisState(GatewayState):
                 type="string",
             )
         self._running[api_key] += 1
-        return TaskRecord(task_uuid, task_type, api_key, session, deliver_async)
+        record = TaskRecord(task_uuid, task_type, api_key, session, deliver_async)
+        record.fingerprint = fingerprint
+        return record
+
+    async def forget(self, record: TaskRecord) -> None:
+        await self._script("FORGET", [keys.task(record.task_uuid)], [])
+
+    def transient_session(self) -> Session:
+        # No such session in Redis: FINISH, PROGRESS and KEEP append nothing for it.
+        return Session(f"rest-{self.member_id}", "", attached=False, resumable=False)
+
+    def watch(self, record: TaskRecord, callback: Callable[[TaskRecord, bytes | None], None]) -> None:
+        self._watched.setdefault(record.task_uuid, []).append((record, callback))
+        self._spawn(self._check_watched([record.task_uuid]))  # it may have finished already
+
+    async def _check_watched(self, task_uuids: list[str]) -> None:
+        """Call the watchers of those tasks that have finished (with their records)."""
+        task_uuids = [u for u in task_uuids if u in self._watched]
+        if not task_uuids:
+            return
+        try:
+            async with self.link.redis.pipeline(transaction=False) as pipe:
+                for task_uuid in task_uuids:
+                    pipe.hget(keys.task(task_uuid), "status")
+                statuses = await guarded(pipe.execute())
+        except ClusterUnavailable:
+            return  # the next sweep looks again
+        for task_uuid, status in zip(task_uuids, statuses):
+            if status == b"processing" or task_uuid not in self._watched:
+                continue
+            watchers = self._watched.pop(task_uuid)
+            record = watchers[0][0]
+            found = None if status is None else await self.lookup(record.api_key, task_uuid)
+            if found is None:  # the record is gone (Redis restarted empty)
+                found = record
+                found.status, found.error = "error", TaskError("taskLost", _LOST).for_task(
+                    record.task_type, task_uuid
+                )
+            for _, callback in watchers:
+                callback(found, None)
+
+    def _finished_here(self, record: TaskRecord, frame: bytes, item: dict | None, error: TaskError | None) -> None:
+        """Watchers of a task this gateway finished itself get its frame at once."""
+        watchers = self._watched.pop(record.task_uuid, None)
+        if not watchers:
+            return
+        record.status, record.item, record.error = ("success" if error is None else "error"), item, error
+        whole = frame or (data_frame(item) if error is None else error_frame(error))
+        for _, callback in watchers:
+            callback(record, whole)
 
     async def finish(
         self,
@@ -268,10 +320,14 @@ class RedisState(GatewayState):
             logger.warning("task %s could not be recorded (%s); answering it here", record.task_uuid, exc)
             won = -1
         if won == -1:  # Redis is away or lost the task: its own gateway answers it, if it is here
-            return self._answer_here(record, frame)
-        if won == 1:
-            self._count_finished(record)
-        return won == 1
+            answered = self._answer_here(record, frame)
+        else:
+            answered = won == 1
+            if answered:
+                self._count_finished(record)
+        if answered:
+            self._finished_here(record, frame, item, error)
+        return answered
 
     async def _finish(self, record: TaskRecord, args: list, image: StoredImage | None) -> int:
         if image is None:
@@ -336,6 +392,8 @@ class RedisState(GatewayState):
             record.item = orjson.loads(fields["item"])
         if "error" in fields:
             record.error = _error_from_wire(orjson.loads(fields["error"]))
+        if fields.get("fp"):
+            record.fingerprint = bytes.fromhex(fields["fp"].decode())
         return record
 
     # Delivery to this gateway's sockets
@@ -344,8 +402,11 @@ class RedisState(GatewayState):
         kind, _, name = data.decode().partition(" ")
         if kind == "o":
             self._drain_soon(name)
-        elif kind == "d" and self.on_task_done is not None:
-            self.on_task_done(name)
+        elif kind == "d":
+            if self.on_task_done is not None:
+                self.on_task_done(name)
+            if name in self._watched:
+                self._spawn(self._check_watched([name]))
 
     def _drain_soon(self, session_id: str) -> None:
         if session_id not in self._attached:
@@ -405,6 +466,8 @@ class RedisState(GatewayState):
             await asyncio.sleep(SWEEP_EVERY)
             since_refresh += SWEEP_EVERY
             self._sweep_now()
+            if self._watched:
+                await self._check_watched(list(self._watched))
             if since_refresh >= refresh_every and self._attached:
                 since_refresh = 0.0
                 try:
@@ -428,6 +491,9 @@ class RedisState(GatewayState):
     def _prefixes() -> tuple[str, str, str, str]:
         """Key prefixes the outbox scripts assemble names from (see keys.py)."""
         return keys.session("")[:-1], keys.outbox("")[:-1], "}", keys.gateway_channel("")
+
+
+_LOST = "the cluster lost this task's state (its Redis restarted empty); send it again"
 
 
 def _ms(seconds: float) -> int:
