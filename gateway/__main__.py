@@ -72,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
         add(s)
     _model_alias_flag(s.add_argument_group("model names"))
     _outbound_flags(s)
-    _observability_flags(s, "on the --port")
+    _observability_flags(s, "on the --port and the REST --http-port")
     g = sub.add_parser(
         "gateway",
         help="cluster: a front end (sockets, HTTP) on Redis; loads no model",
@@ -92,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _model_alias_flag(group)
     _outbound_flags(g)
-    _observability_flags(g, "on the --port")
+    _observability_flags(g, "on the --port and the REST --http-port")
     w = sub.add_parser(
         "worker",
         help="cluster: one engine pulling work from Redis",
