@@ -55,13 +55,21 @@ def cpu_seconds(pids: list[int]) -> float:
     return total / CLOCK_TICKS
 
 
+def cluster_cpu_seconds(cluster: Cluster) -> float:
+    """CPU time of this process, Redis and every role ever started (a killed one's is
+    counted once reaped, through this process's children times)."""
+    pids = [os.getpid(), cluster.redis.proc.pid, *(r.proc.pid for r in cluster.roles)]
+    children = os.times()
+    return cpu_seconds(pids) + children.children_user + children.children_system
+
+
 async def measured(cluster: Cluster, load) -> dict:
     """Run ``load`` and add the CPU use of every process of the run to its summary."""
-    pids = [os.getpid(), cluster.redis.proc.pid, *(r.proc.pid for r in cluster.roles if r.proc.poll() is None)]
-    before, started = cpu_seconds(pids), time.monotonic()
+    before, started = cluster_cpu_seconds(cluster), time.monotonic()
     summary = await load
     wall = time.monotonic() - started
-    summary["cpu_percent_of_machine"] = round(100 * (cpu_seconds(pids) - before) / (wall * os.cpu_count()), 1)
+    used = cluster_cpu_seconds(cluster) - before
+    summary["cpu_percent_of_machine"] = round(100 * used / (wall * os.cpu_count()), 1)
     summary.pop("records", None)
     return summary
 
@@ -71,38 +79,33 @@ def worker_flags(args) -> list[str]:
 
 
 async def scaling(args, redis: RedisProcess, log_dir: Path) -> list[dict]:
+    """Throughput with each worker count, on one cluster that grows (workers are added,
+    the gateways stay), each count measured after a warm-up of its own."""
     rows = []
-    for count in args.workers:
-        redis.flush()
-        cluster = Cluster(redis, log_dir, common=["--claim-timeout", str(args.claim_timeout)])
-        try:
-            gateways = [cluster.gateway(f"g{i}", "--log-level", "WARNING") for i in range(2)]
-            workers = [cluster.worker(f"w{count}-{i}", *worker_flags(args), model=args.model) for i in range(count)]
+    redis.flush()
+    cluster = Cluster(redis, log_dir, common=["--claim-timeout", str(args.claim_timeout)])
+    try:
+        gateways = [cluster.gateway(f"g{i}", "--log-level", "WARNING") for i in range(2)]
+        urls = [g.url for g in gateways]
+        workers: list[Role] = []
+        workload = Workload.load(WORKLOAD)
+        for count in args.workers:
+            while len(workers) < count:
+                workers.append(cluster.worker(f"w{len(workers)}", *worker_flags(args), model=args.model))
             await cluster.ready(*gateways, *workers, timeout=180)
-            urls = [g.url for g in gateways]
             in_flight = 2 * args.rows * count  # enough to keep every worker's next call full
-            workload = Workload.load(WORKLOAD)
-            await run_load(urls, "bench", workload, tasks=in_flight, connections=2 * count, concurrency=in_flight)
-            summary = await measured(
-                cluster,
-                run_load(
-                    urls,
-                    "bench",
-                    workload,
-                    tasks=args.tasks_per_worker * count,
-                    connections=2 * count,
-                    concurrency=in_flight,
-                    seed=count,
-                ),
-            )
+            load = {"connections": 2 * count, "concurrency": in_flight}
+            await run_load(urls, "bench", workload, tasks=in_flight, **load)
+            measuring = run_load(urls, "bench", workload, tasks=args.tasks_per_worker * count, seed=count, **load)
+            summary = await measured(cluster, measuring)
             summary["workers"] = count
             rows.append(summary)
             print(
                 f"{count:>3} workers  {summary['throughput']:8.2f} tasks/s   p50 {summary['p50_latency_s']:.3f} s"
                 f"   CPU {summary['cpu_percent_of_machine']:5.1f} %   exactly once: {exactly_once(summary)}"
             )
-        finally:
-            cluster.close()
+    finally:
+        cluster.close()
     one = rows[0]["throughput"] / rows[0]["workers"]
     for row in rows:
         row["scaling_vs_ideal"] = round(row["throughput"] / (one * row["workers"]), 3)
@@ -151,47 +154,46 @@ def _ok(summary: dict) -> list[dict]:
 
 
 async def chaos(args, redis: RedisProcess, log_dir: Path, capacity: float) -> dict:
-    """``chaos_workers`` (4) workers at steady load; one killed and replaced every
-    ``kill_every`` seconds."""
+    """``chaos_workers`` (4) workers at steady load: first calm, then with one killed
+    and replaced every ``kill_every`` seconds; the same cluster, the same offered load."""
     rate = args.chaos_load * capacity
-    runs = {name: await chaos_run(args, redis, log_dir, name, rate) for name in ("calm", "chaos")}
+    redis.flush()
+    cluster = Cluster(redis, log_dir, common=["--claim-timeout", str(args.claim_timeout)])
+    runs = {}
+    try:
+        gateways = [cluster.gateway(f"chaos-g{i}", "--log-level", "WARNING") for i in range(2)]
+        workers = [
+            cluster.worker(f"chaos-w{i}", *worker_flags(args), model=args.model) for i in range(args.chaos_workers)
+        ]
+        await cluster.ready(*gateways, *workers, timeout=180)
+        urls = [g.url for g in gateways]
+        for name in ("calm", "chaos"):
+            load = run_load(
+                urls, "bench", Workload.load(WORKLOAD), tasks=int(rate * args.chaos_seconds), connections=8, rate=rate
+            )
+            kills: list[str] = []
+            if name == "chaos":
+                summary, _ = await asyncio.gather(
+                    measured(cluster, load), kill_and_replace(args, cluster, workers, kills)
+                )
+            else:
+                summary = await measured(cluster, load)
+            summary["killed"] = kills
+            runs[name] = summary
+            print(
+                f"{name:>5}: {summary['succeeded']}/{summary['tasks']} ok, {summary['unanswered']} lost, "
+                f"{summary['answered_more_than_once']} doubled, p99 {summary['p99_latency_s']:.2f} s, "
+                f"{len(kills)} workers killed"
+            )
+    finally:
+        cluster.close()
     bound = runs["calm"]["p99_latency_s"] + args.claim_timeout
     runs["p99_bound_s"] = round(bound, 3)
     runs["p99_within_bound"] = runs["chaos"]["p99_latency_s"] < bound
     return runs
 
 
-async def chaos_run(args, redis: RedisProcess, log_dir: Path, name: str, rate: float) -> dict:
-    redis.flush()
-    cluster = Cluster(redis, log_dir, common=["--claim-timeout", str(args.claim_timeout)])
-    try:
-        gateways = [cluster.gateway(f"{name}-g{i}", "--log-level", "WARNING") for i in range(2)]
-        workers = [
-            cluster.worker(f"{name}-w{i}", *worker_flags(args), model=args.model) for i in range(args.chaos_workers)
-        ]
-        await cluster.ready(*gateways, *workers, timeout=180)
-        urls = [g.url for g in gateways]
-        tasks = int(rate * args.chaos_seconds)
-        load = run_load(urls, "bench", Workload.load(WORKLOAD), tasks=tasks, connections=8, rate=rate)
-        kills: list[str] = []
-        if name == "chaos":
-            summary, _ = await asyncio.gather(
-                measured(cluster, load), kill_and_replace(args, cluster, workers, kills, name)
-            )
-        else:
-            summary = await measured(cluster, load)
-        summary["killed"] = kills
-    finally:
-        cluster.close()
-    print(
-        f"{name:>5}: {summary['succeeded']}/{summary['tasks']} ok, {summary['unanswered']} lost, "
-        f"{summary['answered_more_than_once']} doubled, p99 {summary['p99_latency_s']:.2f} s, "
-        f"{len(kills)} workers killed"
-    )
-    return summary
-
-
-async def kill_and_replace(args, cluster: Cluster, workers: list[Role], kills: list[str], name: str) -> None:
+async def kill_and_replace(args, cluster: Cluster, workers: list[Role], kills: list[str]) -> None:
     """Every ``kill_every`` seconds, ``kill -9`` a live worker and start a new one."""
     rng = random.Random(7)
     for n in range(int(args.chaos_seconds // args.kill_every)):
@@ -199,7 +201,7 @@ async def kill_and_replace(args, cluster: Cluster, workers: list[Role], kills: l
         victim = rng.choice([w for w in workers if w.proc.poll() is None])
         victim.signal(signal.SIGKILL)
         kills.append(victim.name)
-        workers.append(cluster.worker(f"{name}-r{n}", *worker_flags(args), model=args.model))
+        workers.append(cluster.worker(f"chaos-r{n}", *worker_flags(args), model=args.model))
 
 
 def plot(rows: list[dict], path: Path) -> None:

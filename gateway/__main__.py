@@ -17,7 +17,7 @@ import sys
 from engine.config import DEFAULT_MODEL, VAE_OVERLAP, EngineConfig
 
 from .cli_upscale import add_parser as add_upscale_parser
-from .config import ClusterConfig, GatewayConfig
+from .config import ClusterConfig, GatewayConfig, ImageStoreConfig
 
 ENV_PREFIX = "LATENT_UPSCALER_"
 BATCHING = ("continuous", "static")
@@ -71,6 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     for add in (add_model_flags, _network_flags, _auth_flags, add_batching_flags, _limit_flags, _time_flags):
         add(s)
     _model_alias_flag(s.add_argument_group("model names"))
+    _image_store_flags(s, default="memory")
     _outbound_flags(s)
     _observability_flags(s, "on the --port and the REST --http-port")
     g = sub.add_parser(
@@ -91,6 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="the model the workers serve (accepted as a task's `model`, with runware:502@1)",
     )
     _model_alias_flag(group)
+    _image_store_flags(g, default="redis")
     _outbound_flags(g)
     _observability_flags(g, "on the --port and the REST --http-port")
     w = sub.add_parser(
@@ -120,6 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
     _flag(group, "--record-ttl", type=float, default=3600.0, help="seconds getResponse remembers a finished task")
     _flag(group, "--session-ttl", type=float, default=120.0, help="seconds undelivered results wait for a resume")
     _flag(group, "--shutdown-grace", type=float, default=30.0, help="seconds held tasks get on SIGTERM")
+    _image_store_flags(w, default="redis")
     _outbound_flags(w)
     _observability_flags(w, "on the --http-port")
     add_upscale_parser(sub, _flag, add_model_flags, add_batching_flags)
@@ -262,6 +265,46 @@ def _time_flags(parser) -> None:
     _flag(g, "--output-ttl", type=float, default=3600.0, help="default lifetime of stored images, seconds")
     _flag(g, "--record-ttl", type=float, default=3600.0, help="seconds getResponse remembers a finished task")
     _flag(g, "--shutdown-grace", type=float, default=30.0, help="seconds in-flight tasks get on SIGTERM")
+
+
+def _image_store_flags(parser, default: str) -> None:
+    g = parser.add_argument_group(
+        "image store",
+        "S3 credentials come from the standard AWS variables (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, "
+        "AWS_SESSION_TOKEN, AWS_WEB_IDENTITY_TOKEN_FILE, container or instance roles) or AWS_PROFILE's "
+        "keys in ~/.aws/credentials; never from a flag.",
+    )
+    shared = "" if default == "memory" else "; every gateway and worker of a cluster must use the same"
+    _flag(
+        g,
+        "--image-store",
+        default=default,
+        help="where uploaded, input and output images live: memory"
+        + (", redis" if default == "redis" else "")
+        + f" or s3://BUCKET/PREFIX (an S3-compatible bucket){shared}",
+    )
+    _flag(
+        g,
+        "--s3-endpoint-url",
+        help="the S3 API's URL for a store other than AWS (MinIO, R2, Ceph, …), e.g. http://minio:9000; "
+        "the operator's own endpoint, exempt from the SSRF guard",
+    )
+    _flag(g, "--s3-region", help="the bucket's region; default AWS_REGION, the AWS config file, or us-east-1")
+    _flag(
+        g,
+        "--s3-presign",
+        type=bool,
+        default=False,
+        help="imageURL and GET /images/… give presigned URLs of the store that expire with the image "
+        "(clients must reach the endpoint)" + shared,
+    )
+    _flag(
+        g,
+        "--s3-timeout",
+        type=float,
+        default=10.0,
+        help="seconds one store operation may take, retries included; then the task gets serviceUnavailable",
+    )
 
 
 def _outbound_flags(parser) -> None:
@@ -413,6 +456,21 @@ def config_from_args(args: argparse.Namespace) -> GatewayConfig:
         cors_origins=tuple(getattr(args, "cors_origin", None) or ()),
         **rest,
         engine=engine,
+        image_store=image_store_from_args(args),
+    )
+
+
+def image_store_from_args(args: argparse.Namespace) -> ImageStoreConfig:
+    if not hasattr(args, "image_store"):
+        return ImageStoreConfig()
+    if args.s3_timeout <= 0:
+        raise ValueError("--s3-timeout (LATENT_UPSCALER_S3_TIMEOUT) must be positive")
+    return ImageStoreConfig.parse(
+        args.image_store,
+        endpoint_url=args.s3_endpoint_url,
+        region=args.s3_region,
+        presign=args.s3_presign,
+        timeout=args.s3_timeout,
     )
 
 
@@ -488,7 +546,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = config_from_args(args)
         # Before anything imports huggingface_hub (it reads its progress-bar switch once).
-        logs.configure(level, args.log_format, secrets=config.api_keys)
+        # The S3 image store's credentials are as secret as the API keys.
+        aws = [os.environ.get(name, "") for name in ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")]
+        logs.configure(level, args.log_format, secrets=[*config.api_keys, *aws])
     except ValueError as exc:
         print(f"latent-upscaler: {exc}", file=sys.stderr)
         return 2
@@ -498,11 +558,24 @@ def main(argv: list[str] | None = None) -> int:
         asyncio.run(run_until_signalled(_role(args, config)))
     except ModelLoadError as exc:
         print(f"latent-upscaler: {exc}", file=sys.stderr)
-        return 2
+        return _leave(2, argv)
     except (ValueError, OSError) as exc:
         print(f"latent-upscaler: {exc}", file=sys.stderr)
-        return 2
-    return 0
+        return _leave(2, argv)
+    return _leave(0, argv)
+
+
+def _leave(code: int, argv: list[str] | None) -> int:
+    """The exit code; a process (``argv`` None) that loaded obstore, the S3 client, ends
+    here without finalizing the interpreter (its logs flushed): obstore's Rust threads
+    may still wake the event loop while CPython finalizes, and 3.11 then aborts the
+    process (SIGABRT, seen once in ten short runs) after a clean shutdown."""
+    if argv is None and "obstore" in sys.modules:
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
 
 
 if __name__ == "__main__":

@@ -54,7 +54,13 @@ class Completion:
             unsaved.append(stored)
         if task.uploadEndpoint:
             await self._upload(task, output, stored)
-        return self._item(task, output, stored, input_uuid, base_url)
+        url = await self.url(base_url, stored) if task.outputType == "URL" else ""
+        return self._item(task, output, stored, input_uuid, url)
+
+    async def url(self, base_url: str, stored: StoredImage) -> str:
+        """An image's ``imageURL``: the gateway's ``/images/…`` (``base_url``: the gateway
+        that took the task), or the store's presigned URL (``--s3-presign``)."""
+        return await self.store.public_url(stored) or image_url(base_url, stored)
 
     async def _upload(self, task: Upscale, result: UpscaleResult, stored: StoredImage) -> None:
         try:
@@ -69,7 +75,7 @@ class Completion:
             ) from exc
 
     def _item(
-        self, task: Upscale, result: UpscaleResult, stored: StoredImage, input_uuid: str, base_url: str
+        self, task: Upscale, result: UpscaleResult, stored: StoredImage, input_uuid: str, url: str
     ) -> dict:
         item = {
             "taskType": task.taskType,
@@ -80,7 +86,7 @@ class Completion:
             "seed": result.seed,
         }
         if task.outputType == "URL":
-            item["imageURL"] = image_url(base_url, stored)
+            item["imageURL"] = url
         elif task.outputType == "base64Data":
             item["imageBase64Data"] = base64.b64encode(result.image).decode()
         else:

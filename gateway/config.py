@@ -7,9 +7,36 @@ from dataclasses import dataclass, field
 
 from engine.config import EngineConfig
 
-__all__ = ["ClusterConfig", "GatewayConfig", "is_loopback"]
+__all__ = ["ClusterConfig", "GatewayConfig", "ImageStoreConfig", "is_loopback"]
 
 RUNWARE_MODEL_ID = "runware:502@1"
+
+
+@dataclass(frozen=True)
+class ImageStoreConfig:
+    """Where images live (``--image-store``): ``memory`` (``serve``'s default), ``redis``
+    (a cluster's default) or ``s3`` (``s3://BUCKET/PREFIX``; see ``gateway.objectstore``).
+    S3 credentials never come from here: the standard AWS variables and files hold them."""
+
+    kind: str = "memory"
+    bucket: str = ""
+    prefix: str = ""  # key prefix inside the bucket, without a trailing slash
+    endpoint_url: str | None = None  # None: AWS itself
+    region: str | None = None  # None: AWS_REGION / AWS_DEFAULT_REGION / the AWS config file / us-east-1
+    presign: bool = False  # GET /images/… and imageURL: presigned URLs of the store
+    timeout: float = 10.0  # seconds one store operation may take, its retries included
+
+    @classmethod
+    def parse(cls, spec: str, **options) -> ImageStoreConfig:
+        """``memory``, ``redis`` or ``s3://BUCKET[/PREFIX]``, with the S3 ``options``."""
+        if spec in ("memory", "redis"):
+            return cls(spec, **options)
+        if not spec.startswith("s3://"):
+            raise ValueError(f"--image-store must be memory, redis or s3://BUCKET/PREFIX, not {spec!r}")
+        bucket, _, prefix = spec.removeprefix("s3://").partition("/")
+        if not bucket:
+            raise ValueError(f"--image-store {spec!r} names no bucket: use s3://BUCKET/PREFIX")
+        return cls("s3", bucket, prefix.strip("/"), **options)
 
 
 @dataclass
@@ -53,6 +80,7 @@ class GatewayConfig:
     output_ttl: float = 3600.0
     record_ttl: float = 3600.0
     store_bytes: int = 2 * 2**30
+    image_store: ImageStoreConfig = field(default_factory=ImageStoreConfig)
 
     # Observability (gateway/metrics.py)
     metrics: bool = True  # GET /metrics; False: no metrics are kept at all

@@ -125,6 +125,7 @@ class Gateway:
 
     async def start(self) -> None:
         self.ends.watch(self.engine)
+        await self.store.start()
         await self.state.start()
         await self.engine.start()
         self._dispatcher = asyncio.create_task(self._dispatch(), name="engine-outputs")
@@ -493,13 +494,17 @@ class Gateway:
                 "taskType": "imageUpload",
                 "taskUUID": task.taskUUID,
                 "imageUUID": stored.image_uuid,
-                "imageURL": self.image_url(stored),
+                "imageURL": await self.completion.url(self.config.base_url, stored),
             }
         )
         return frame, None
 
     async def get_response(self, peer: Peer, task: GetResponse) -> None:
-        record = await self.state.lookup(peer.api_key, task.taskUUID)
+        try:
+            record = await self.state.lookup(peer.api_key, task.taskUUID)
+        except TaskError as error:  # the cluster's Redis cannot be reached (serviceUnavailable)
+            peer.send(error_frame(error.for_task("getResponse", task.taskUUID)))
+            return
         if record is None:
             error = TaskError(
                 "invalidTaskUUID",
@@ -517,7 +522,10 @@ class Gateway:
         """A task's current state as ``getResponse`` answers it: its result, its error, or
         a processing item with its progress."""
         if record.status == "success":
-            return data_frame(await self.completion.with_payload(record.item))
+            try:
+                return data_frame(await self.completion.with_payload(record.item))
+            except TaskError as error:  # its payload is in a store that cannot be reached
+                return error_frame(error.for_task(record.task_type, record.task_uuid))
         if record.status == "error":
             return error_frame(record.error)
         return data_frame(progress_item(record, record.progress))

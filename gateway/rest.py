@@ -312,6 +312,8 @@ class RestServer:
             answer = await self.routes.get(path)
             if answer is None and path in REST_PATHS:
                 answer = _not_allowed()
+            if answer is not None and answer.stream is not None:  # a large image from S3
+                return await _streamed(request, answer, cors)
             return _response(answer or text(404, "not found"), cors)
         return _response(_not_allowed() if path in REST_PATHS else text(404, "not found"), cors)
 
@@ -514,6 +516,31 @@ def _response(answer: HttpResponse, extra: dict[str, str]) -> web.Response:
     """A :mod:`gateway.routes` answer as an aiohttp response (which sets Content-Length)."""
     headers = {"Content-Type": answer.content_type, "Cache-Control": answer.cache, **dict(answer.headers)}
     return web.Response(status=answer.status, body=answer.body, headers={**headers, **extra})
+
+
+async def _streamed(
+    request: web.BaseRequest, answer: HttpResponse, extra: dict[str, str]
+) -> web.StreamResponse:
+    """A :mod:`gateway.routes` answer whose body is a stream, sent as it is read (never
+    whole in memory). A store that fails mid-way drops the connection: the client sees a
+    body shorter than its Content-Length, never a wrong one."""
+    assert answer.stream is not None
+    headers = {"Content-Type": answer.content_type, "Cache-Control": answer.cache, **dict(answer.headers)}
+    response = web.StreamResponse(status=answer.status, headers={**headers, **extra})
+    response.content_length = answer.stream.length
+    try:
+        await response.prepare(request)
+        if request.method == "GET":
+            async for chunk in answer.stream.chunks:
+                await response.write(chunk)
+        await response.write_eof()
+    except TaskError as exc:
+        logger.warning("an image stopped arriving from the store mid-way: %s", exc.message)
+        if request.transport is not None:
+            request.transport.close()
+    finally:
+        await answer.stream.aclose()
+    return response
 
 
 def _not_allowed() -> HttpResponse:

@@ -8,7 +8,10 @@ gateway runs. A new endpoint is one entry in :meth:`Routes.get`, and every port 
 
 - ``GET /healthz``: the process is alive.
 - ``GET /readyz``: the model (or the cluster) can take tasks; 503 otherwise.
-- ``GET /images/{uuid}.{ext}``: a stored image until its TTL ends; 404 after.
+- ``GET /images/{uuid}.{ext}``: a stored image until its TTL ends; 404 after. From an
+  object store, a large image is a streamed body (:class:`BodyStream`), and with
+  ``--s3-presign`` the answer is a 302 to a presigned URL that expires with the image;
+  503 when the store cannot be reached.
 - ``GET /stats``: JSON counters (engine and gateway) for dashboards and the playground;
   no API key needed (it holds no secrets).
 - ``GET /metrics``: Prometheus metrics (:mod:`gateway.metrics`), unless they are off or
@@ -20,9 +23,11 @@ gateway runs. A new endpoint is one entry in :meth:`Routes.get`, and every port 
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import math
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from http import HTTPStatus
 from typing import TYPE_CHECKING
@@ -30,15 +35,34 @@ from typing import TYPE_CHECKING
 import orjson
 
 from . import playground
+from .errors import TaskError
 
 if TYPE_CHECKING:
     from .delivery import Gateway
     from .metrics import Metrics
 
-__all__ = ["HttpResponse", "Routes"]
+__all__ = ["BodyStream", "BufferBudget", "HttpResponse", "Routes"]
 
 TEXT = "text/plain; charset=utf-8"
 JSON = "application/json"
+
+
+@dataclass(frozen=True, slots=True)
+class BodyStream:
+    """A body sent as it is read: exactly ``length`` bytes from ``chunks``. The front end
+    that sends it calls ``aclose()`` once, whether or not it read to the end (a client
+    that hangs up, a store that fails mid-way: then it drops the connection)."""
+
+    length: int
+    chunks: AsyncIterator[bytes]
+    aclose: Callable[[], Awaitable[None]]
+
+    async def read_all(self) -> bytes:
+        """The whole body, for a front end that cannot stream (it then holds a copy)."""
+        try:
+            return b"".join([chunk async for chunk in self.chunks])
+        finally:
+            await self.aclose()
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,22 +72,66 @@ class HttpResponse:
     content_type: str = TEXT
     cache: str = "no-store"
     headers: tuple[tuple[str, str], ...] = ()  # any others (Location, CSP, …)
+    stream: BodyStream | None = None  # a large body, sent as it is read (``body`` is then empty)
 
     @property
     def reason(self) -> str:
         return HTTPStatus(self.status).phrase
 
+    @property
+    def length(self) -> int:
+        return self.stream.length if self.stream is not None else len(self.body)
+
     def header_list(self) -> list[tuple[str, str]]:
         return [
             ("Content-Type", self.content_type),
-            ("Content-Length", str(len(self.body))),
+            ("Content-Length", str(self.length)),
             ("Cache-Control", self.cache),
             *self.headers,
         ]
 
 
+class BufferBudget:
+    """For a front end that cannot stream a body (websockets' ``process_request``): it
+    reads a streamed body whole, holding at most ``limit`` bytes of such bodies at once;
+    a request over the budget waits its turn (at most ``wait`` seconds, then 503). One
+    body larger than the whole budget is read alone."""
+
+    def __init__(self, limit: int, wait: float = 30.0) -> None:
+        self.limit = limit
+        self.wait = wait
+        self.used = 0
+        self._freed = asyncio.Condition()
+
+    async def whole(self, answer: HttpResponse) -> HttpResponse:
+        """``answer`` with its stream read into ``body`` (as it is if it has none)."""
+        if answer.stream is None:
+            return answer
+        need = min(answer.stream.length, self.limit)
+        try:
+            async with asyncio.timeout(self.wait), self._freed:
+                await self._freed.wait_for(lambda: self.used + need <= self.limit)
+                self.used += need
+        except TimeoutError:
+            await answer.stream.aclose()
+            return text(503, "too many large images being sent at once on this port; try again")
+        try:
+            body = await answer.stream.read_all()
+        except TaskError as exc:
+            return text(503, exc.message)
+        finally:
+            async with self._freed:
+                self.used -= need
+                self._freed.notify_all()
+        return dataclasses.replace(answer, body=body, stream=None)
+
+
 def text(status: int, message: str) -> HttpResponse:
     return HttpResponse(status, (message + "\n").encode())
+
+
+def _no_image() -> HttpResponse:
+    return text(404, "image not found or expired")
 
 
 def redirect(location: str) -> HttpResponse:
@@ -122,11 +190,22 @@ class Routes:
     async def _image(self, name: str) -> HttpResponse:
         image_uuid = name.rsplit(".", 1)[0]
         store = self.gateway.store
-        stored = await store.get(image_uuid)
-        if stored is None:
-            return text(404, "image not found or expired")
-        max_age = max(0, math.floor(stored.expires_at - store.clock()))
-        return HttpResponse(200, stored.data, stored.media_type, cache=f"public, max-age={max_age}, immutable")
+        try:
+            if store.presigns:
+                url = await store.presigned_url(image_uuid)
+                return HttpResponse(302, b"", headers=(("Location", url),)) if url else _no_image()
+            opened = await store.open(image_uuid)
+        except TaskError as exc:  # the store cannot be reached (serviceUnavailable)
+            return text(503, exc.message)
+        if opened is None:
+            return _no_image()
+        max_age = max(0, math.floor(opened.expires_at - store.clock()))
+        cache = f"public, max-age={max_age}, immutable"
+        if opened.data is not None:
+            return HttpResponse(200, opened.data, opened.media_type, cache=cache)
+        assert opened.chunks is not None
+        stream = BodyStream(opened.length, opened.chunks, opened.aclose)
+        return HttpResponse(200, b"", opened.media_type, cache=cache, stream=stream)
 
     def _stats(self) -> HttpResponse:
         """Counters since start; rates come from the difference of two reads over
@@ -140,4 +219,7 @@ class Routes:
             "engine": self.gateway.engine.stats().as_dict(),
             "gateway": counts,
         }
+        store = self.gateway.store.stats()
+        if store:
+            body["image_store"] = store
         return HttpResponse(200, orjson.dumps(body), JSON)

@@ -28,10 +28,10 @@ from .config import GatewayConfig, is_loopback
 from .connection import AuthLimiter, Connection
 from .delivery import Gateway
 from .http import Outbound
-from .images import ImageStore
+from .images import ImageStore, image_store
 from .metrics import Metrics, gateway_families
 from .rest import RestServer
-from .routes import HttpResponse, Routes, metrics_response, text
+from .routes import BufferBudget, HttpResponse, Routes, metrics_response, text
 from .state import GatewayState
 
 __all__ = ["GatewayServer"]
@@ -39,6 +39,9 @@ __all__ = ["GatewayServer"]
 logger = logging.getLogger(__name__)
 
 WEBSOCKET_PATHS = ("/", "/v1", "/v1/")
+# websockets' plain-HTTP answers cannot stream: a streamed image (from S3) is read whole,
+# within this many bytes at once on this port (see routes.BufferBudget).
+WHOLE_BODY_BUDGET = 64 * 2**20
 
 
 class GatewayServer:
@@ -60,6 +63,8 @@ class GatewayServer:
                 "LATENT_UPSCALER_API_KEYS); only a loopback host may run without one"
             )
         self.config = config
+        if store is None and config.image_store.kind != "memory":  # S3 (serve has no Redis)
+            store = image_store(config.image_store)
         engine = engine or InprocEngineClient(config.engine)
         self.metrics = _metrics(config, engine)
         self.gateway = Gateway(
@@ -72,6 +77,7 @@ class GatewayServer:
             metrics=self.metrics,
         )
         self.limiter = AuthLimiter(config.auth_failures_per_minute, clock)
+        self.whole_bodies = BufferBudget(WHOLE_BODY_BUDGET)
         self.connections: set[Connection] = set()
         if self.metrics is not None:
             self.metrics.add_source(lambda: gateway_families(self.gateway, self._open_connections()))
@@ -194,7 +200,7 @@ class GatewayServer:
         answer = await self.routes.get(path)
         if answer is None and path in WEBSOCKET_PATHS:
             answer = text(426, "this endpoint speaks WebSocket")
-        return _response(answer or text(404, "not found"))
+        return _response(await self.whole_bodies.whole(answer or text(404, "not found")))
 
 
 def _response(answer: HttpResponse) -> Response:

@@ -143,3 +143,18 @@ def test_cli_upscale_smoke(tmp_path):
     assert report["summary"]["cli"]["images"] == report["summary"]["sdk"]["images"] == 20
     assert report["cli_rss_scaled"]["images"] == 40
     assert report["throughput_ratio_cli_over_sdk"] > 0 and report["cli_rss_ratio"] > 0
+
+
+def test_s3_clients_smoke(tmp_path):
+    from tests.s3_harness import INSTALL_HINT, MOTO_INSTALLED
+
+    if not MOTO_INSTALLED:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"moto's server mode is missing in CI; {INSTALL_HINT}")
+        pytest.skip(f"moto's server mode is not installed; {INSTALL_HINT}")
+    out = tmp_path / "s3.json"
+    report = run_smoke("s3_clients.py", out, timeout=300)
+    assert set(report["results"]) == {"obstore", "aiobotocore"}
+    for ops in report["results"].values():
+        assert all(ops[op]["requests"] > 0 and ops[op]["cpu_ms_per_request"] > 0 for op in ops)
+    assert report["ratios_aiobotocore_over_obstore"]["get"]["cpu_ms_per_request"] > 0

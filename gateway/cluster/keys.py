@@ -13,6 +13,7 @@ key                    type     what
 ``lu:out:{sid}``       stream   a session's frames in order (the outbox; resumes replay it)
 ``lu:hooks``           stream   webhooks to post; consumer group ``gateways``
 ``lu:img:{uuid}``      hash     an image: media type and bytes, with its TTL
+``lu:img-expiry``      zset     images in S3 (``--image-store s3://…``): UUID scored by expiry
 ``lu:alive:{role}:id`` string   liveness of a gateway or worker (TTL)
 =====================  =======  ===========================================================
 
@@ -31,6 +32,7 @@ HOOKS = PREFIX + "hooks"
 WORK_CHANNEL = PREFIX + "work"
 WORKERS_GROUP = "workers"
 GATEWAYS_GROUP = "gateways"
+IMAGE_EXPIRY = PREFIX + "img-expiry"
 ANY_SHAPE = "any"  # inputs whose size the gateway could not read: the engine says why
 
 

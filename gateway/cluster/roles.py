@@ -21,10 +21,10 @@ import orjson
 from engine.client import InprocEngineClient
 
 from ..config import ClusterConfig, GatewayConfig
+from ..images import image_store
 from ..metrics import Metrics, cluster_families, worker_families
 from ..routes import HttpResponse, metrics_response, text
 from ..server import GatewayServer, serve_http_only, serve_metrics
-from .images import RedisImageStore
 from .link import RedisLink
 from .monitor import ClusterMonitor
 from .queue import RedisEngineClient
@@ -45,7 +45,8 @@ def gateway_server(config: GatewayConfig, cluster: ClusterConfig, link: RedisLin
     engine = RedisEngineClient(
         link, state, max_queued=cluster.max_queued, unavailable_after=cluster.claim_timeout
     )
-    return GatewayServer(config, engine, store=RedisImageStore(link), state=state)
+    store = image_store(config.image_store, link=link)  # Redis, or S3 with its expiry index on Redis
+    return GatewayServer(config, engine, store=store, state=state)
 
 
 async def run_gateway(config: GatewayConfig, cluster: ClusterConfig, stop: asyncio.Event) -> None:

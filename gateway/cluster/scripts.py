@@ -16,11 +16,14 @@ a retried call after a failover).
   says whether it is still to run, already done, or poisoned (past the limit).
 - :data:`REFRESH` — a worker's heartbeat on the entries it still owns (idle time reset
   without counting a delivery); returns them, so it learns what was taken away.
+  :data:`ORPHANS` takes over the entries of workers whose liveness key has expired.
 - :data:`FINISH` — exactly once: only the first terminal outcome of a task wins; it is
   recorded, its entry acknowledged and deleted, its frame appended to its session's
   outbox (the owning gateway is told), its webhook queued, its gateway told.
 - :data:`PROGRESS`, :data:`OPEN`, :data:`TAKE`, :data:`DETACH`, :data:`KEEP` — progress
   and the session's outbox: open or resume, hand out new frames once, let go.
+- :data:`IMAGES_DUE` — images in S3 whose time is up, taken off the expiry index (each
+  by one process, which deletes them).
 """
 
 from __future__ import annotations
@@ -32,12 +35,14 @@ NAMES = (
     "PULL",
     "START",
     "REFRESH",
+    "ORPHANS",
     "FINISH",
     "PROGRESS",
     "OPEN",
     "TAKE",
     "DETACH",
     "KEEP",
+    "IMAGES_DUE",
 )
 
 # Shared Lua: append a frame to session SID's outbox if the session still exists, keep
@@ -59,7 +64,8 @@ end
 # The delivery is counted first, so a worker that dies on it has used one up. Returns
 # {verdict, context, session id, async, taskType, runs, input media type, input bytes};
 # verdict is run, poison (past max deliveries), done (answered already: drop the entry)
-# or gone (no record: Redis lost it). The input image comes along (one round trip).
+# or gone (no record: Redis lost it). The input image comes along (one round trip), when
+# images are in Redis (image_prefix '' when they are in S3: the worker reads it there).
 _BEGIN = """
 local function begin(task_key, max_deliveries, worker, image_prefix, suffix)
   local f = redis.call('HMGET', task_key, 'status', 'ctx', 'sid', 'async', 'type')
@@ -71,7 +77,7 @@ local function begin(task_key, max_deliveries, worker, image_prefix, suffix)
   if runs > tonumber(max_deliveries) then verdict = 'poison' end
   local media, data = '', ''
   local ok, ctx = pcall(cjson.decode, f[2] or '')
-  if verdict == 'run' and ok and ctx['input'] then
+  if verdict == 'run' and ok and ctx['input'] and image_prefix ~= '' then  -- '': not in Redis
     local image = redis.call('HMGET', image_prefix .. ctx['input'] .. suffix, 't', 'd')
     media, data = image[1] or '', image[2] or ''
   end
@@ -204,6 +210,37 @@ end
 return mine
 """
 
+# KEYS: a queue. ARGV: group, this consumer, liveness key prefix, count.
+# Claims (for this consumer) up to ``count`` entries held by consumers whose liveness key
+# has expired (silent for the claim timeout: dead or stalled), whatever the entries' own
+# idle time: an entry taken just before its worker's last heartbeat need not wait a whole
+# claim timeout more. Returns a flat list: entry id, task uuid, rows, entry id, ...
+ORPHANS = """
+local out = {}
+local want = tonumber(ARGV[4])
+local consumers = redis.pcall('XINFO', 'CONSUMERS', KEYS[1], ARGV[1])
+if type(consumers) ~= 'table' then return out end
+for _, consumer in ipairs(consumers) do
+  local info = {}
+  for j = 1, #consumer, 2 do info[consumer[j]] = consumer[j + 1] end
+  if want > 0 and info['pending'] > 0 and info['name'] ~= ARGV[2]
+      and redis.call('EXISTS', ARGV[3] .. info['name']) == 0 then
+    local pending = redis.call('XPENDING', KEYS[1], ARGV[1], '-', '+', want, info['name'])
+    local ids = {}
+    for _, p in ipairs(pending) do table.insert(ids, p[1]) end
+    if #ids > 0 then
+      for _, entry in ipairs(redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, unpack(ids))) do
+        local fields = {}
+        for j = 1, #entry[2], 2 do fields[entry[2][j]] = entry[2][j + 1] end
+        table.insert(out, entry[1]); table.insert(out, fields['t'] or ''); table.insert(out, fields['r'] or '1')
+        want = want - 1
+      end
+    end
+  end
+end
+return out
+"""
+
 # KEYS: task, webhook stream. ARGV: status (success|error), result JSON, frame ('' for
 # none), frame is an error (1/0), webhook URL ('' for none), webhook body, record TTL ms,
 # outbox max length, session prefix, outbox prefix, queue prefix, suffix, gateway
@@ -296,3 +333,11 @@ append(ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6], ARGV[7], ARGV[8], A
 return 1
 """
 )
+
+# KEYS: the image expiry index. ARGV: now (seconds), count.
+# Returns {uuid, expiry, ...} of up to count images due by now, removed from the index.
+IMAGES_DUE = """
+local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'WITHSCORES', 'LIMIT', 0, ARGV[2])
+for i = 1, #due, 2 do redis.call('ZREM', KEYS[1], due[i]) end
+return due
+"""

@@ -9,11 +9,12 @@ as ``serve``):
   rows (the one whose oldest entry waited longest), or when that entry has waited
   ``STARVE_AFTER`` and nobody idle took it. It never pulls ahead "just in case".
   Each entry is then ``START``-ed (a delivery counted: past ``max_deliveries`` the task
-  is poison and ends with an error), its input read from the image store, and submitted.
+  is poison and ends with an error), its input read from the image store (in the same
+  step when images are in Redis; from S3 after it otherwise), and submitted.
 - **outputs** — progress (a request whose last step is done frees its rows and wakes
   the pull), and each terminal output completed here as in ``serve``
   (``completion.py``) and recorded by ``FINISH``: exactly once, whoever finishes first.
-- **refresh** — every third of ``claim_timeout``: ``REFRESH`` resets the idle time of
+- **refresh** — twice per ``claim_timeout``: ``REFRESH`` resets the idle time of
   the entries it still owns; an entry that another worker took meanwhile is aborted here.
 - **reap** — entries idle longer than ``claim_timeout`` (their worker died or stalled)
   are taken over with ``XAUTOCLAIM``, keeping a cursor per queue; consumers that hold
@@ -40,7 +41,7 @@ from ..config import ClusterConfig, GatewayConfig
 from ..delivery import engine_request
 from ..errors import TaskError, internal_error
 from ..http import Outbound
-from ..images import StoredImage
+from ..images import StoredImage, image_store
 from ..metrics import Metrics
 from ..observe import TaskEnds
 from ..protocol import Upscale
@@ -56,7 +57,7 @@ logger = logging.getLogger(__name__)
 
 STARVE_AFTER = 2.0  # seconds an entry of a shape nobody runs may wait before a busy worker takes it
 PULL_EVERY = 0.5  # seconds between pulls when no hint comes
-REAP_EVERY = 0.5  # seconds between looks for entries idle past the claim timeout (at most)
+REAP_EVERY = 0.25  # seconds between looks for orphaned entries (at most)
 FORGET_CONSUMERS_AFTER = 10  # × claim_timeout of idleness, holding nothing
 
 
@@ -104,7 +105,11 @@ class Worker:
         self.link = link
         self.id = cluster.member_id
         self.max_rows = config.engine.max_batch_rows
-        self.store = RedisImageStore(link)
+        self.store = image_store(config.image_store, link=link)
+        # Images in Redis: the input comes with START and the output goes with FINISH
+        # (one round trip each); in S3, they are read and written on their own.
+        self.images_in_redis = isinstance(self.store, RedisImageStore)
+        self._image_prefix = keys.image("")[:-1] if self.images_in_redis else ""
         self.state = RedisState(
             link,
             member_id=self.id,
@@ -134,8 +139,10 @@ class Worker:
 
     async def start(self) -> None:
         self.ends.watch(self.engine)
+        await self.store.start()
         await self.engine.start()
         await self.state.start()
+        await self._heartbeat()  # before its first pull: a consumer without one looks dead
         self._loops = [
             asyncio.create_task(loop(), name=f"worker-{loop.__name__}")
             for loop in (self._pull_loop, self._outputs_loop, self._refresh_loop, self._reap_loop)
@@ -161,6 +168,7 @@ class Worker:
             job.cancel()
         await asyncio.gather(*self._jobs, return_exceptions=True)
         await self.state.close()
+        await self.store.close()
         await self.outbound.aclose()
 
     def _spawn(self, coro) -> None:
@@ -204,18 +212,20 @@ class Worker:
         starve = 0 if not used else int(STARVE_AFTER * 1000)
         suffix = "}"
         args = [self.id, self.max_rows, starve, keys.queue("")[:-1], suffix, self.cluster.max_deliveries]
-        args += [keys.task("")[:-1], keys.image("")[:-1], *pairs]
+        args += [keys.task("")[:-1], self._image_prefix, *pairs]
         taken = await self.link.script("PULL", [keys.SHAPES], args)
+        starts = []
         for shape, entry, task_uuid, rows, *began in taken:
             held = _Held(task_uuid.decode(), shape.decode(), int(rows), entry.decode())
             self.held[held.task_uuid] = held
-            await self._start(held, began)
+            starts.append(self._start(held, began))
+        await asyncio.gather(*starts)  # (inputs in S3 are read concurrently; in order otherwise)
 
     async def _take_over(self, taken: list[_Held]) -> None:
         """Begin entries taken over from a silent worker (``START``, one round trip)."""
         for held in taken:
             self.held[held.task_uuid] = held
-        args = [self.cluster.max_deliveries, self.id, keys.image("")[:-1], "}"]
+        args = [self.cluster.max_deliveries, self.id, self._image_prefix, "}"]
         try:
             answers = await self.link.script("START", [keys.task(h.task_uuid) for h in taken], args)
         except ClusterUnavailable:
@@ -223,8 +233,7 @@ class Worker:
                 self.held.pop(held.task_uuid, None)
             raise
         self.redelivered += len(taken)
-        for held, began in zip(taken, answers):
-            await self._start(held, began)
+        await asyncio.gather(*(self._start(held, began) for held, began in zip(taken, answers)))
 
     async def _start(self, held: _Held, began: list) -> None:
         context = logs.TASK_UUID.set(held.task_uuid)  # on the log lines about it
@@ -259,6 +268,11 @@ class Worker:
             logger.error("task %s: %s", held.task_uuid, message)
             self._end(held, TaskError(str(ErrorCode.RETRIES_EXHAUSTED), message))
             return
+        if not media_type and not self.images_in_redis:
+            stored = await self._read_input(held)
+            if stored is None:
+                return
+            media_type, data = stored.media_type, stored.data
         if not media_type:
             error = TaskError(
                 "invalidInputImage",
@@ -274,6 +288,16 @@ class Worker:
         held.submitted = time.monotonic()
         # Progress tells this worker when a request leaves the UNet (its rows are free).
         self.engine.submit(dataclasses.replace(request, want_progress=True))
+
+    async def _read_input(self, held: _Held) -> StoredImage | None:
+        """The task's input from S3; None when the task was ended instead (the store
+        cannot be reached: the task gets that error)."""
+        try:
+            stored = await self.store.get(held.input_uuid)
+        except TaskError as error:
+            self._end(held, error)
+            return None
+        return stored or StoredImage(held.input_uuid, b"", "", 0.0)  # (gone: "expired" below)
 
     async def _drop_entry(self, held: _Held) -> None:
         async with self.link.redis.pipeline(transaction=True) as pipe:
@@ -305,7 +329,8 @@ class Worker:
     async def _complete(self, held: _Held, output: UpscaleResult | EngineError) -> None:
         assert held.task is not None
         logs.TASK_UUID.set(held.task_uuid)  # a task of its own: no reset needed
-        unsaved: list = []  # the output image, written with the outcome (see Completion.outcome)
+        # Images in Redis: the output image is written with the outcome (see Completion.outcome).
+        unsaved: list | None = [] if self.images_in_redis else None
         try:
             item = await self.completion.outcome(
                 held.task, output, held.input_uuid, held.base_url, unsaved=unsaved
@@ -317,7 +342,7 @@ class Worker:
             logger.exception("completing task %s failed", held.task_uuid)
             await self._finish(held, error=internal_error(held.task.taskType, held.task_uuid))
         else:
-            await self._finish(held, item=item, image=unsaved[0])
+            await self._finish(held, item=item, image=unsaved[0] if unsaved else None)
 
     def _end(self, held: _Held, error: TaskError) -> None:
         task_type = held.task.taskType if held.task else None
@@ -370,7 +395,9 @@ class Worker:
     # Refresh and reap
 
     async def _refresh_loop(self) -> None:
-        every = max(0.2, self.cluster.claim_timeout / 3)
+        # Twice per claim timeout: a live worker's entries never reach it (a margin of half
+        # of it), and a dead one's become claimable on average a quarter of it sooner.
+        every = max(0.2, self.cluster.claim_timeout / 2)
         while True:
             await asyncio.sleep(every)
             try:
@@ -380,8 +407,14 @@ class Worker:
             except Exception:
                 logger.exception("refreshing held entries failed")
 
+    async def _heartbeat(self) -> None:
+        """This worker is alive for another claim timeout (a silent one loses its tasks)."""
+        alive_ms = int(self.cluster.claim_timeout * 1000)
+        with contextlib.suppress(ClusterUnavailable):
+            await guarded(self.link.redis.set(keys.alive("worker", self.id), b"1", px=alive_ms))
+
     async def _refresh(self) -> None:
-        await guarded(self.link.redis.set(keys.alive("worker", self.id), b"1", px=int(self.cluster.claim_timeout * 3000)))
+        await self._heartbeat()
         queues = sorted({keys.queue(h.shape) for h in self.held.values()})
         if not queues:
             return
@@ -438,6 +471,15 @@ class Worker:
                 for entry, fields in entries
                 if fields and fields[b"t"].decode() not in self.held
             ]
+            free -= sum(h.rows for h in taken)
+            if free > 0:  # and the entries of workers whose heartbeat stopped
+                args = [keys.WORKERS_GROUP, self.id, keys.alive("worker", ""), free]
+                flat = await self.link.script("ORPHANS", [keys.queue(shape)], args)
+                taken += [
+                    _Held(flat[i + 1].decode(), shape, int(flat[i + 2]), flat[i].decode())
+                    for i in range(0, len(flat), 3)
+                    if flat[i + 1].decode() not in self.held
+                ]
             if taken:
                 logger.warning("taking over %d tasks of shape %s from a silent worker", len(taken), shape)
                 await self._take_over(taken)
@@ -461,4 +503,5 @@ class Worker:
             "held_rows": sum(used.values()),
             "redelivered": self.redelivered,
             "dead_lettered": self.dead_lettered,
+            **({"image_store": store} if (store := self.store.stats()) else {}),
         }
