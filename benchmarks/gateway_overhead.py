@@ -1,7 +1,8 @@
 """Gateway overhead: the gateway with an engine that answers at once (the null engine)
 against a bare websockets server that answers the same frames with the least work a
 server can do (parse the array, reply one item per task), in one run; and the same
-gateway's REST transport (sync ``POST /v1``, one task per request, HTTP/1.1 keep-alive).
+gateway's REST transport (sync ``POST /v1``, one task per request, HTTP/1.1 keep-alive);
+and the gateway with its metrics turned off (``--no-metrics``), to price them.
 
     python benchmarks/gateway_overhead.py            # ~1 minute
     python benchmarks/gateway_overhead.py --smoke    # a few seconds
@@ -14,10 +15,11 @@ the clients are on other machines. Both servers are measured the same way.
 
 Reports, for each server: saturated throughput (closed loop), p50/p99 latency at a fixed
 offered rate (open loop, default 1,000 tasks/s), the server's own CPU time per task, and
-the ratios: gateway/echo over WebSocket, and gateway REST/gateway WebSocket. WebSocket
+the ratios: gateway/echo over WebSocket, gateway REST/gateway WebSocket, and gateway
+with metrics/without (the metrics' cost; the target is at most 5 % of throughput). WebSocket
 runs use ``--connections`` sockets carrying ``--concurrency`` tasks; REST runs use
 ``--concurrency`` keep-alive connections, one request in flight on each, so both carry
-the same number of tasks at once. The two servers are measured in turns, ``--repeat`` times each, and the
+the same number of tasks at once. The servers are measured in turns, ``--repeat`` times each, and the
 medians are reported: on a shared machine a single pass mostly measures the neighbours.
 Writes JSON to benchmarks/results/gateway_overhead.json.
 """
@@ -122,7 +124,7 @@ def median_run(passes: list[dict]) -> dict:
     return out
 
 
-SERVERS = ("echo", "gateway", "gateway-rest")
+SERVERS = ("echo", "gateway", "gateway-rest", "gateway-no-metrics")
 
 
 async def main_async(args) -> dict:
@@ -130,14 +132,17 @@ async def main_async(args) -> dict:
     config = GatewayConfig(
         port=0, http_port=0, max_in_flight_per_connection=10_000, max_in_flight_per_key=100_000
     )
+    unmeasured = GatewayConfig(**{**vars(config), "http_port": None, "metrics": False})
     async with (
         serve(_echo_handler, "127.0.0.1", 0, compression=None, max_size=2**25) as echo,
         GatewayServer(config, NullEngineClient()) as server,
+        GatewayServer(unmeasured, NullEngineClient()) as no_metrics,
     ):
         urls = {
             "echo": f"ws://127.0.0.1:{echo.sockets[0].getsockname()[1]}/v1",
             "gateway": server.url,
             "gateway-rest": server.http_url,
+            "gateway-no-metrics": no_metrics.url,
         }
         # REST: one request in flight per connection, as many connections as tasks in flight.
         rest_args = argparse.Namespace(**{**vars(args), "connections": args.concurrency})
@@ -177,8 +182,10 @@ def main() -> None:
         print_row(f"{name} saturated", results[name]["saturated"])
         print_row(f"{name} at {args.rate:g}/s", results[name]["paced"])
     echo, gw, rest = results["echo"], results["gateway"], results["gateway-rest"]
+    bare = results["gateway-no-metrics"]
     ratio = gw["saturated"]["throughput"] / echo["saturated"]["throughput"]
     rest_ratio = rest["saturated"]["throughput"] / gw["saturated"]["throughput"]
+    metrics_ratio = gw["saturated"]["throughput"] / bare["saturated"]["throughput"]
     added_p99_ms = 1000 * (gw["paced"]["p99_latency_s"] - echo["paced"]["p99_latency_s"])
     cpu = {name: results[name]["saturated"]["server_cpu_us_per_task"] for name in SERVERS}
     print(
@@ -190,9 +197,14 @@ def main() -> None:
         f"throughput ratio gateway REST/WebSocket: {rest_ratio:.2f}x   REST p99 at {args.rate:g}/s: "
         f"{1000 * rest['paced']['p99_latency_s']:.2f} ms   server CPU per REST task: {cpu['gateway-rest']:.0f} us"
     )
+    print(
+        f"metrics: throughput with/without {metrics_ratio:.3f}x ({100 * (1 - metrics_ratio):+.1f} % cost)   "
+        f"server CPU per task {cpu['gateway']:.0f} us with, {cpu['gateway-no-metrics']:.0f} us without"
+    )
     report = {
         "throughput_ratio": round(ratio, 3),
         "rest_throughput_ratio": round(rest_ratio, 3),
+        "metrics_throughput_ratio": round(metrics_ratio, 4),
         "added_p99_ms": round(added_p99_ms, 3),
         "server_cpu_us_per_task": cpu,
         "rate": args.rate,

@@ -254,9 +254,10 @@ class EngineCore:
             else:
                 self.stats.failed += 1
             emit = self._emit
-        emit(output)
+        # Observed before it is emitted: whoever handles the output can find its event.
         if self.observers:
             self.observers(_request_done(request, output))
+        emit(output)
 
     # The model thread: UNet steps only.
 

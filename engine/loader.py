@@ -126,7 +126,10 @@ def load_pipeline(config: EngineConfig) -> LoadedModel:
     cannot be found, fetched or read.
     """
     from diffusers import StableDiffusionLatentUpscalePipeline
+    from diffusers.utils import logging as diffusers_logging
 
+    if os.environ.get("HF_HUB_DISABLE_PROGRESS_BARS") == "1":  # huggingface_hub's switch, which
+        diffusers_logging.disable_progress_bar()  # diffusers' loading bar ignores (JSON logs set it)
     device = choose_device(config.device)
     dtype = choose_dtype(config.dtype, device)
     if device.type == "cpu":

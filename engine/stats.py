@@ -8,7 +8,8 @@ its metrics and the cluster's capacity checks all read this one place.
 Optional *observers* receive one plain event per UNet call, VAE call and finished
 request (:class:`UnetCall`, :class:`VaeCall`, :class:`RequestDone`), on the engine's
 threads: they must be cheap and must not raise (a failing observer is logged and
-dropped, never allowed to hurt the engine).
+dropped, never allowed to hurt the engine). A request's :class:`RequestDone` is
+observed before its terminal output is emitted.
 """
 
 from __future__ import annotations

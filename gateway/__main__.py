@@ -23,6 +23,7 @@ ENV_PREFIX = "LATENT_UPSCALER_"
 BATCHING = ("continuous", "static")
 GROUP_POLICIES = ("deadline", "round-robin")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+LOG_FORMATS = ("text", "json")
 
 
 def _env_name(flag: str) -> str:
@@ -72,6 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     _model_alias_flag(s.add_argument_group("model names"))
     _image_store_flags(s, default="memory")
     _outbound_flags(s)
+    _observability_flags(s, "on the --port and the REST --http-port")
     g = sub.add_parser(
         "gateway",
         help="cluster: a front end (sockets, HTTP) on Redis; loads no model",
@@ -92,6 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     _model_alias_flag(group)
     _image_store_flags(g, default="redis")
     _outbound_flags(g)
+    _observability_flags(g, "on the --port and the REST --http-port")
     w = sub.add_parser(
         "worker",
         help="cluster: one engine pulling work from Redis",
@@ -121,6 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
     _flag(group, "--shutdown-grace", type=float, default=30.0, help="seconds held tasks get on SIGTERM")
     _image_store_flags(w, default="redis")
     _outbound_flags(w)
+    _observability_flags(w, "on the --http-port")
     add_upscale_parser(sub, _flag, add_model_flags, add_batching_flags)
     return parser
 
@@ -323,6 +327,32 @@ def _outbound_flags(parser) -> None:
     )
 
 
+def _observability_flags(parser, where: str) -> None:
+    g = parser.add_argument_group("logs and metrics")
+    _flag(
+        g,
+        "--log-format",
+        default="text",
+        choices=LOG_FORMATS,
+        help="'text' (one line per record) or 'json' (one JSON object per line, with taskUUID, "
+        "connectionSessionUUID, worker id and error code where they apply, and a line per task)",
+    )
+    _flag(
+        g,
+        "--metrics",
+        type=bool,
+        default=True,
+        help=f"Prometheus metrics at GET /metrics ({where}, no API key); --no-metrics keeps none",
+    )
+    _flag(
+        g,
+        "--metrics-port",
+        type=int,
+        help="serve /metrics on this port instead (same --host), e.g. one only the monitoring network "
+        "reaches",
+    )
+
+
 def _cluster_flags(parser) -> None:
     g = parser.add_argument_group("cluster")
     _flag(
@@ -390,8 +420,15 @@ _GATEWAY_FIELDS = (
     "shutdown_grace",
     "allow_private_networks",
     "price_per_gpu_hour",
+    "metrics",
+    "metrics_port",
 )
-_CHOICES = {"batching": BATCHING, "group_policy": GROUP_POLICIES, "vae_overlap": VAE_OVERLAP}
+_CHOICES = {
+    "batching": BATCHING,
+    "group_policy": GROUP_POLICIES,
+    "vae_overlap": VAE_OVERLAP,
+    "log_format": LOG_FORMATS,
+}
 
 
 def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
@@ -483,11 +520,14 @@ def _role(args: argparse.Namespace, config: GatewayConfig):
             await serve_until_signalled(config, stop)
 
         return serve
+    from . import logs
     from .cluster import roles
 
     cluster = cluster_from_args(args)
     if args.command == "gateway":
+        logs.set_process_fields(gatewayId=cluster.member_id)
         return lambda stop: roles.run_gateway(config, cluster, stop)
+    logs.set_process_fields(workerId=cluster.member_id)
     return lambda stop: roles.run_worker(config, cluster, stop, http_port=args.http_port)
 
 
@@ -501,11 +541,20 @@ def main(argv: list[str] | None = None) -> int:
     if level not in LOG_LEVELS:
         print(f"latent-upscaler: --log-level must be one of {', '.join(LOG_LEVELS)}", file=sys.stderr)
         return 2
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from engine.loader import ModelLoadError
+    from . import logs
 
     try:
         config = config_from_args(args)
+        # Before anything imports huggingface_hub (it reads its progress-bar switch once).
+        # The S3 image store's credentials are as secret as the API keys.
+        aws = [os.environ.get(name, "") for name in ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")]
+        logs.configure(level, args.log_format, secrets=[*config.api_keys, *aws])
+    except ValueError as exc:
+        print(f"latent-upscaler: {exc}", file=sys.stderr)
+        return 2
+    from engine.loader import ModelLoadError
+
+    try:
         asyncio.run(run_until_signalled(_role(args, config)))
     except ModelLoadError as exc:
         print(f"latent-upscaler: {exc}", file=sys.stderr)

@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import logging
 import secrets
 import signal
 import sys
@@ -112,6 +111,13 @@ def add_parser(sub, flag: Callable, add_model_flags: Callable, add_batching_flag
         choices=LOG_LEVELS,
         help="DEBUG, INFO, WARNING or ERROR",
     )
+    flag(
+        g,
+        "--log-format",
+        default="text",
+        choices=("text", "json"),
+        help="'text' or 'json' (one JSON object per line) for the log on stderr",
+    )
     g = add_model_flags(p)
     g.description = "without --url only: the engine that runs in this process"
     g = add_batching_flags(p)
@@ -124,8 +130,11 @@ def main(args: argparse.Namespace, engine_config_from_args: Callable) -> int:
     if level not in LOG_LEVELS:
         print(f"latent-upscaler: --log-level must be one of {', '.join(LOG_LEVELS)}", file=sys.stderr)
         return 2
-    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    from . import logs
+
     try:
+        text = "%(levelname)s %(name)s: %(message)s"
+        logs.configure(level, args.log_format, secrets=[args.api_key or ""], fmt_text=text)
         plan = _Plan.from_args(args, engine_config_from_args)
     except (UsageError, ValueError) as exc:
         print(f"latent-upscaler: {exc}", file=sys.stderr)

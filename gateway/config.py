@@ -82,6 +82,10 @@ class GatewayConfig:
     store_bytes: int = 2 * 2**30
     image_store: ImageStoreConfig = field(default_factory=ImageStoreConfig)
 
+    # Observability (gateway/metrics.py)
+    metrics: bool = True  # GET /metrics; False: no metrics are kept at all
+    metrics_port: int | None = None  # serve /metrics on this port only (not on `port`)
+
     # Outbound
     allow_private_networks: bool = False
     price_per_gpu_hour: float = 2.0  # USD; the basis of `cost`

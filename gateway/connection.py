@@ -20,6 +20,7 @@ from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
 from websockets.protocol import State
 
+from . import logs
 from .config import is_loopback
 from .errors import TaskError, internal_error
 from .protocol import (
@@ -304,12 +305,16 @@ class Connection:
             self.send(error_frame(parsed))
             return
         for task in parsed:
+            # Log lines about this task (and of what it spawns) carry its taskUUID.
+            context = logs.TASK_UUID.set(getattr(task, "taskUUID", None))
             try:
                 await self._dispatch(task)
             except Exception:
                 logger.exception("handling a task failed")
                 task_type = getattr(task, "taskType", None)
                 self.send(error_frame(internal_error(task_type, getattr(task, "taskUUID", None))))
+            finally:
+                logs.TASK_UUID.reset(context)
             if self._closed:
                 return
 
@@ -359,6 +364,7 @@ class Connection:
             self.session = None
         session, replay = await self.gateway.state.open(task.apiKey, task.connectionSessionUUID, self)
         self.session, self.api_key = session, task.apiKey
+        logs.SESSION.set(session.session_id)  # on this connection's log lines from now on
         self.send(data_frame({"taskType": "authentication", "connectionSessionUUID": session.session_id}))
         for frame in replay:
             if not self.replays_errors and frame.startswith(b'{"errors"'):

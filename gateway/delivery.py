@@ -31,6 +31,7 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
+from dataclasses import field as dataclass_field
 
 import orjson
 
@@ -52,6 +53,8 @@ from .errors import TaskError, internal_error
 from .http import Outbound, OutboundError
 from .images import ImageStore, MemoryImageStore, StoredImage
 from .inputs import Inputs, is_url
+from .metrics import Metrics
+from .observe import TaskEnds
 from .peer import Peer
 from .protocol import GetResponse, ImageUpload, Upscale, data_frame, error_frame
 from .session import SessionStore, TaskRecord
@@ -70,6 +73,8 @@ class _Pending:
     task: Upscale
     peer: Peer
     input_uuid: str = ""
+    accepted: float = dataclass_field(default_factory=time.monotonic)  # for its latency and log line
+    submitted: float | None = None  # when it reached the engine
 
 
 class Gateway:
@@ -82,7 +87,10 @@ class Gateway:
         store: ImageStore | None = None,
         state: GatewayState | None = None,
         outbound: Outbound | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
+        """``metrics``: where tasks, outbound requests and the engine's events are
+        counted (:mod:`gateway.metrics`); None (``--no-metrics``) counts nothing."""
         self.config = config
         self.engine = engine
         self.clock = clock
@@ -93,6 +101,11 @@ class Gateway:
         self.outbound = outbound or Outbound(
             allow_private=config.allow_private_networks, timeout=config.url_timeout
         )
+        self.metrics = metrics
+        if metrics is not None:
+            metrics.watch_engine(engine)
+            self.outbound.observe = metrics.outbound_done
+        self.ends = TaskEnds(metrics)  # each task's end: counted, and its log line
         self.inputs = Inputs(self.store, self.outbound, max_bytes=config.max_input_bytes, ttl=config.output_ttl)
         self.completion = Completion(
             self.store,
@@ -111,6 +124,7 @@ class Gateway:
     # Lifecycle
 
     async def start(self) -> None:
+        self.ends.watch(self.engine)
         await self.store.start()
         await self.state.start()
         await self.engine.start()
@@ -164,6 +178,7 @@ class Gateway:
         ``fingerprint``: a digest of the task's content, kept so a retry can attach."""
         needs_io = task.webhookURL or task.uploadEndpoint or is_url(task.image)  # DNS or a download
         storing = None
+        received = time.monotonic()
         try:
             self._check_upscale(peer, task)
             assert peer.session is not None
@@ -184,11 +199,12 @@ class Gateway:
             if storing is not None:
                 storing.add_done_callback(_consume)
             peer.send(error_frame(error.for_task(task.taskType, task.taskUUID)))
+            self._refused(task, error.code, peer, received)
             return None
         peer.in_flight += 1
         if record.deliver_async:
             peer.send(data_frame({"taskType": task.taskType, "taskUUID": task.taskUUID}))
-        pending = _Pending(record, task, peer)
+        pending = _Pending(record, task, peer, accepted=received)
         if needs_io:
             self.spawn(self._run_upscale(pending))
             return record
@@ -277,6 +293,7 @@ class Gateway:
         request = engine_request(request_id, task, stored.data, seed, **remote)
         # Registered before submit(): an engine may answer before submit() returns.
         self._pending[request_id] = pending
+        pending.submitted = time.monotonic()
         try:
             self.engine.submit(request)
         except Exception as exc:
@@ -302,7 +319,15 @@ class Gateway:
         task = pending.task
         pending.peer.in_flight -= 1
         error = None if exc is None else self._as_task_error(task, exc)
-        await self.finish(pending.record, task, item=item, error=error, origin=pending.peer)
+        await self.finish(
+            pending.record,
+            task,
+            item=item,
+            error=error,
+            origin=pending.peer,
+            accepted=pending.accepted,
+            submitted=pending.submitted,
+        )
 
     @staticmethod
     def _as_task_error(task: Upscale, exc: BaseException) -> TaskError:
@@ -321,13 +346,40 @@ class Gateway:
         item: dict | None = None,
         error: TaskError | None = None,
         origin: Peer | None = None,
+        accepted: float | None = None,
+        submitted: float | None = None,
     ) -> None:
-        """Record and deliver a task's terminal item (once), then post its webhook."""
+        """Record and deliver a task's terminal item (once), then post its webhook.
+        ``accepted`` and ``submitted`` (``time.monotonic()``: when the task was accepted
+        and when it reached the engine) time it in the metrics and its log line."""
         webhook = task.webhookURL
         if not await self.state.finish(record, item=item, error=error, origin=origin, webhook=webhook):
             return
         if webhook and not self.state.queues_webhooks:
             self.spawn(self.post_webhook(webhook, item if error is None else error.to_wire()))
+        now = time.monotonic()
+        self.ends.ended(
+            task.taskUUID,
+            task.taskType,
+            record.session.session_id,
+            code=None if error is None else error.code,
+            deliver_async=record.deliver_async,
+            total=0.0 if accepted is None else now - accepted,
+            timed=accepted is not None,
+            before_engine=None if submitted is None or accepted is None else submitted - accepted,
+        )
+
+    def _refused(self, task: Upscale | ImageUpload, code: str | None, peer: Peer, received: float) -> None:
+        """An upscale refused at admission, or an imageUpload's answer: counted, not timed."""
+        self.ends.ended(
+            task.taskUUID,
+            task.taskType,
+            peer.session.session_id if peer.session is not None else None,
+            code=code,
+            deliver_async=getattr(task, "deliveryMethod", "sync") == "async",
+            total=time.monotonic() - received,
+            timed=False,
+        )
 
     async def post_webhook(self, url: str, body: dict) -> bool:
         """POST a result item (retried per the outbound policy); False if it never got through."""
@@ -394,6 +446,7 @@ class Gateway:
             self._check_in_flight_limits(peer)
         except TaskError as error:
             peer.send(error_frame(error.for_task("imageUpload", task.taskUUID)))
+            self._refused(task, error.code, peer, time.monotonic())
             return
         peer.in_flight += 1
         self._uploads[peer.api_key] += 1
@@ -401,9 +454,13 @@ class Gateway:
 
     async def _run_image_upload(self, peer: Peer, task: ImageUpload) -> None:
         key = peer.api_key
+        received = time.monotonic()
+        code: str | None = "internalError"
         try:
-            peer.send(await self._image_upload_frame(task))
+            frame, code = await self._image_upload_frame(task)
+            peer.send(frame)
         except asyncio.CancelledError:
+            code = "taskAborted"
             peer.send(error_frame(shutdown_error(task.taskUUID, "imageUpload")))
             raise
         except Exception:
@@ -414,9 +471,11 @@ class Gateway:
             self._uploads[key] -= 1
             if not self._uploads[key]:
                 del self._uploads[key]
+            self._refused(task, code, peer, received)
 
-    async def _image_upload_frame(self, task: ImageUpload) -> bytes:
-        """The answer to an imageUpload: the stored image's UUID, or why it was refused."""
+    async def _image_upload_frame(self, task: ImageUpload) -> tuple[bytes, str | None]:
+        """The answer to an imageUpload (the stored image's UUID, or why it was
+        refused) and its error code (None: stored)."""
         try:
             stored = await self.inputs.resolve(task.image, "image")
             await asyncio.to_thread(
@@ -427,10 +486,10 @@ class Gateway:
             )
         except codecs.ImageError as exc:
             error = TaskError(str(exc.code), str(exc), parameter="image", type="string")
-            return error_frame(error.for_task("imageUpload", task.taskUUID))
+            return error_frame(error.for_task("imageUpload", task.taskUUID)), error.code
         except TaskError as error:
-            return error_frame(error.for_task("imageUpload", task.taskUUID))
-        return data_frame(
+            return error_frame(error.for_task("imageUpload", task.taskUUID)), error.code
+        frame = data_frame(
             {
                 "taskType": "imageUpload",
                 "taskUUID": task.taskUUID,
@@ -438,6 +497,7 @@ class Gateway:
                 "imageURL": await self.completion.url(self.config.base_url, stored),
             }
         )
+        return frame, None
 
     async def get_response(self, peer: Peer, task: GetResponse) -> None:
         try:

@@ -12,7 +12,11 @@ resolves its host through the guard and connects to an address the guard has jus
 checked, so a DNS server that answers differently the second time (DNS rebinding)
 cannot steer a request to a private address. TLS still verifies the host name.
 
-httpx errors become :class:`OutboundError` here and nowhere else.
+httpx errors become :class:`OutboundError` here and nowhere else. Each request's end
+(after its retries) is reported to :attr:`Outbound.observe`, when set, as
+``(kind, outcome)``: kind ``input`` (:meth:`~Outbound.fetch`), ``webhook``
+(:meth:`~Outbound.post_json`) or ``upload`` (:meth:`~Outbound.put_bytes`); outcome
+``success`` or the :class:`OutboundError` reason (the metrics count them).
 """
 
 from __future__ import annotations
@@ -182,6 +186,8 @@ class Outbound:
         self.max_redirects = max_redirects
         self.retry = retry
         self._sleep = sleep
+        #: Called with (kind, outcome) as each request ends; see the module docstring.
+        self.observe: Callable[[str, str], None] | None = None
         limits = httpx.Limits(max_connections=64, max_keepalive_connections=16)
         self._client = httpx.AsyncClient(
             transport=transport or _pinned_transport(self.guard, limits),
@@ -201,11 +207,21 @@ class Outbound:
         that take longer than the timeout in total."""
         try:
             async with asyncio.timeout(self.timeout):
-                return await self._fetch(url, max_bytes)
+                found = await self._fetch(url, max_bytes)
         except TimeoutError as exc:
+            self._observe("input", "timeout")
             raise OutboundError(
                 "timeout", f"fetching {url[:200]} took longer than {self.timeout:g} s"
             ) from exc
+        except OutboundError as exc:
+            self._observe("input", exc.reason)
+            raise
+        self._observe("input", "success")
+        return found
+
+    def _observe(self, kind: str, outcome: str) -> None:
+        if self.observe is not None:
+            self.observe(kind, outcome)
 
     async def _fetch(self, url: str, max_bytes: int) -> tuple[bytes, str | None]:
         for _ in range(self.max_redirects + 1):
@@ -231,12 +247,20 @@ class Outbound:
         raise OutboundError("invalid", f"more than {self.max_redirects} redirects")
 
     async def post_json(self, url: str, body: bytes) -> None:
-        """POST a JSON body (already encoded), retrying per :class:`RetryPolicy`."""
-        await self._send("POST", url, body, "application/json")
+        """POST a JSON body (already encoded: a webhook), retrying per :class:`RetryPolicy`."""
+        await self._observed("webhook", self._send("POST", url, body, "application/json"))
 
     async def put_bytes(self, url: str, body: bytes, content_type: str) -> None:
-        """PUT raw bytes, retrying per :class:`RetryPolicy`."""
-        await self._send("PUT", url, body, content_type)
+        """PUT raw bytes (an upload), retrying per :class:`RetryPolicy`."""
+        await self._observed("upload", self._send("PUT", url, body, content_type))
+
+    async def _observed(self, kind: str, sending: Awaitable[None]) -> None:
+        try:
+            await sending
+        except OutboundError as exc:
+            self._observe(kind, exc.reason)
+            raise
+        self._observe(kind, "success")
 
     async def _send(self, method: str, url: str, body: bytes, content_type: str) -> None:
         delays = [*self.retry.delays(), None]

@@ -281,6 +281,11 @@ class RestServer:
         await self._site.start()
         self.port = self._runner.addresses[0][1]
 
+    def open_connections(self) -> int:
+        """HTTP connections open now (idle keep-alive ones included), for the metrics."""
+        server = self._runner.server if self._runner is not None else None
+        return 0 if server is None else len(server.connections)
+
     async def stop_accepting(self) -> None:
         if self._site is not None:
             await self._site.stop()

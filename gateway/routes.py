@@ -14,6 +14,8 @@ gateway runs. A new endpoint is one entry in :meth:`Routes.get`, and every port 
   503 when the store cannot be reached.
 - ``GET /stats``: JSON counters (engine and gateway) for dashboards and the playground;
   no API key needed (it holds no secrets).
+- ``GET /metrics``: Prometheus metrics (:mod:`gateway.metrics`), unless they are off or
+  on a port of their own (``--no-metrics``, ``--metrics-port``); no API key needed.
 - ``GET /playground`` and ``GET /playground/{file}``: the web playground
   (:mod:`gateway.playground`), with a strict Content-Security-Policy. A plain ``GET /``
   (a browser, not a WebSocket upgrade, which the front end handles first) redirects there.
@@ -37,6 +39,7 @@ from .errors import TaskError
 
 if TYPE_CHECKING:
     from .delivery import Gateway
+    from .metrics import Metrics
 
 __all__ = ["BodyStream", "BufferBudget", "HttpResponse", "Routes"]
 
@@ -136,15 +139,30 @@ def redirect(location: str) -> HttpResponse:
     return HttpResponse(302, b"", headers=(("Location", location),))
 
 
+def metrics_response(metrics: Metrics) -> HttpResponse:
+    """``GET /metrics``: the Prometheus text format."""
+    from .metrics import CONTENT_TYPE
+
+    return HttpResponse(200, metrics.render(), CONTENT_TYPE)
+
+
 def _static(file: playground.StaticFile) -> HttpResponse:
     return HttpResponse(200, file.body, file.content_type, cache="no-cache", headers=playground.SECURITY_HEADERS)
 
 
 class Routes:
-    def __init__(self, gateway: Gateway, *, open_connections: Callable[[], int] | None = None) -> None:
-        """``open_connections``: the front end's count of open sockets, for ``/stats``."""
+    def __init__(
+        self,
+        gateway: Gateway,
+        *,
+        open_connections: Callable[[], int] | None = None,
+        metrics: Metrics | None = None,
+    ) -> None:
+        """``open_connections``: the front end's count of open sockets, for ``/stats``;
+        ``metrics``: what ``/metrics`` serves (None: no such endpoint here)."""
         self.gateway = gateway
         self.open_connections = open_connections
+        self.metrics = metrics
         self.playground = {name: _static(file) for name, file in playground.load().items()}  # read once
 
     async def get(self, path: str) -> HttpResponse | None:
@@ -157,6 +175,8 @@ class Routes:
             return await self._image(path.removeprefix("/images/"))
         if path == "/stats":
             return self._stats()
+        if path == "/metrics" and self.metrics is not None:
+            return metrics_response(self.metrics)
         if path == "/":
             return redirect("playground")
         if path == "/playground":

@@ -29,8 +29,9 @@ from .connection import AuthLimiter, Connection
 from .delivery import Gateway
 from .http import Outbound
 from .images import ImageStore, image_store
+from .metrics import Metrics, gateway_families
 from .rest import RestServer
-from .routes import BufferBudget, HttpResponse, Routes, text
+from .routes import BufferBudget, HttpResponse, Routes, metrics_response, text
 from .state import GatewayState
 
 __all__ = ["GatewayServer"]
@@ -64,20 +65,34 @@ class GatewayServer:
         self.config = config
         if store is None and config.image_store.kind != "memory":  # S3 (serve has no Redis)
             store = image_store(config.image_store)
+        engine = engine or InprocEngineClient(config.engine)
+        self.metrics = _metrics(config, engine)
         self.gateway = Gateway(
             config,
-            engine or InprocEngineClient(config.engine),
+            engine,
             clock=clock,
             outbound=outbound,
             store=store,
             state=state,
+            metrics=self.metrics,
         )
         self.limiter = AuthLimiter(config.auth_failures_per_minute, clock)
-        self.routes = Routes(self.gateway, open_connections=lambda: len(self.connections))
         self.whole_bodies = BufferBudget(WHOLE_BODY_BUDGET)
         self.connections: set[Connection] = set()
+        if self.metrics is not None:
+            self.metrics.add_source(lambda: gateway_families(self.gateway, self._open_connections()))
+        on_main_port = self.metrics if config.metrics_port is None else None
+        self.routes = Routes(self.gateway, open_connections=lambda: len(self.connections), metrics=on_main_port)
         self._server: Server | None = None
+        self._metrics_server: Server | None = None
         self.rest: RestServer | None = None
+
+    def _open_connections(self) -> dict[str, int]:
+        """Open connections by transport, for the metrics."""
+        counts = {"websocket": len(self.connections)}
+        if self.rest is not None:
+            counts["rest"] = self.rest.open_connections()
+        return counts
 
     async def __aenter__(self) -> GatewayServer:
         await self.start()
@@ -134,6 +149,14 @@ class GatewayServer:
             await self.rest.start(self.config.host, self.config.http_port)
             self.config.http_port = self.rest.port  # (the real one, if it was 0)
             logger.info("serving REST on %s", self.http_url)
+        if self.metrics is not None and self.config.metrics_port is not None:
+            self._metrics_server = await serve_metrics(self.metrics, self.config.host, self.config.metrics_port)
+
+    @property
+    def metrics_port(self) -> int | None:
+        """The port ``/metrics`` is served on, when it has one of its own."""
+        server = self._metrics_server
+        return None if server is None else server.sockets[0].getsockname()[1]
 
     async def close(self, grace: float | None = None) -> None:
         """Stop accepting, finish in-flight tasks within ``grace`` seconds, then close."""
@@ -153,6 +176,10 @@ class GatewayServer:
         await self.gateway.close()  # REST requests still waiting get their tasks' taskAborted
         if self.rest is not None:
             await self.rest.close()
+        if self._metrics_server is not None:
+            self._metrics_server.close()
+            await self._metrics_server.wait_closed()
+            self._metrics_server = None
         self._server = None
 
     async def _handle(self, ws: ServerConnection) -> None:
@@ -181,6 +208,26 @@ def _response(answer: HttpResponse) -> Response:
     # that keeps connections alive sends its next request into a closing socket.
     headers = Headers([*answer.header_list(), ("Connection", "close")])
     return Response(answer.status, answer.reason, headers, answer.body)
+
+
+def _metrics(config: GatewayConfig, engine: EngineClient) -> Metrics | None:
+    if not config.metrics:
+        return None
+    role = "gateway" if engine.remote else "serve"
+    return Metrics(
+        role=role, model=config.engine.model, engine=not engine.remote, max_rows=config.engine.max_batch_rows
+    )
+
+
+async def serve_metrics(metrics: Metrics, host: str, port: int) -> Server:
+    """``GET /metrics`` alone on a port of its own (``--metrics-port``)."""
+
+    async def get(path: str) -> HttpResponse | None:
+        return metrics_response(metrics) if path == "/metrics" else None
+
+    server = await serve_http_only(get, host, port)
+    logger.info("metrics on http://%s:%d/metrics", host, server.sockets[0].getsockname()[1])
+    return server
 
 
 async def serve_http_only(

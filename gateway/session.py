@@ -196,6 +196,11 @@ class SessionStore:
     def running(self, api_key: str) -> int:
         return self._running.get(api_key, 0)
 
+    def detached(self) -> int:
+        """Sessions without a socket, kept for a resume until their TTL ends."""
+        self.expire()
+        return sum(not s.attached for s in self._sessions.values())
+
     def running_total(self) -> int:
         """Unfinished tasks of every API key."""
         return sum(self._running.values())

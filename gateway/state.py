@@ -162,7 +162,11 @@ class LocalState(GatewayState):
         return list(self._attached.values())
 
     def counts(self) -> dict[str, int]:
-        return {"tasks_in_flight": self.sessions.running_total(), "sessions_attached": len(self._attached)}
+        return {
+            "tasks_in_flight": self.sessions.running_total(),
+            "sessions_attached": len(self._attached),
+            "sessions_detached": self.sessions.detached(),
+        }
 
     def deliver(self, session: Session, frame: bytes) -> None:
         """Send ``frame`` on the session's socket, or keep it for when it resumes."""

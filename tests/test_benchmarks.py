@@ -46,6 +46,7 @@ def test_gateway_overhead_smoke(tmp_path):
     out = tmp_path / "overhead.json"
     report = run_smoke("gateway_overhead.py", out, timeout=300)
     assert report["all_exactly_once"] and report["throughput_ratio"] > 0
+    assert report["metrics_throughput_ratio"] > 0  # the gateway with and without metrics
     rest = report["runs"]["gateway-rest"]["saturated"]
     assert report["rest_throughput_ratio"] > 0 and rest["succeeded"] == rest["tasks"]
 

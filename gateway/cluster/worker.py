@@ -35,12 +35,15 @@ import orjson
 from engine.api import EngineError, ErrorCode, Progress, UpscaleResult
 from engine.client import EngineClient
 
+from .. import logs
 from ..completion import Completion
 from ..config import ClusterConfig, GatewayConfig
 from ..delivery import engine_request
 from ..errors import TaskError, internal_error
 from ..http import Outbound
 from ..images import StoredImage, image_store
+from ..metrics import Metrics
+from ..observe import TaskEnds
 from ..protocol import Upscale
 from ..session import Session, TaskRecord
 from . import keys
@@ -71,6 +74,13 @@ class _Held:
     input_uuid: str = ""
     base_url: str = ""
     denoising: bool = True  # holds rows of the UNet's calls
+    began: float = 0.0  # time.time() when this worker began it
+    submitted: float | None = None  # time.monotonic() when it reached the engine
+
+    @property
+    def queued_at(self) -> float:
+        """When it was queued (``time.time()``, on Redis's clock): its stream entry id."""
+        return int(self.entry.split("-", 1)[0]) / 1000
 
     @property
     def wants_progress(self) -> bool:
@@ -79,8 +89,16 @@ class _Held:
 
 class Worker:
     def __init__(
-        self, config: GatewayConfig, cluster: ClusterConfig, engine: EngineClient, link: RedisLink
+        self,
+        config: GatewayConfig,
+        cluster: ClusterConfig,
+        engine: EngineClient,
+        link: RedisLink,
+        *,
+        metrics: Metrics | None = None,
     ) -> None:
+        """``metrics``: where its tasks, its engine's events and its outbound requests
+        are counted (None: nowhere)."""
         self.config = config
         self.cluster = cluster
         self.engine = engine
@@ -103,6 +121,11 @@ class Worker:
         self.completion = Completion(
             self.store, self.outbound, output_ttl=config.output_ttl, price_per_gpu_hour=config.price_per_gpu_hour
         )
+        self.metrics = metrics
+        if metrics is not None:
+            metrics.watch_engine(engine)
+            self.outbound.observe = metrics.outbound_done
+        self.ends = TaskEnds(metrics)  # each task's end: counted, and its log line
         self.held: dict[str, _Held] = {}
         self.redelivered = 0  # tasks this worker took over from another
         self.dead_lettered = 0  # poison tasks it ended
@@ -115,6 +138,7 @@ class Worker:
     # Lifecycle
 
     async def start(self) -> None:
+        self.ends.watch(self.engine)
         await self.store.start()
         await self.engine.start()
         await self.state.start()
@@ -153,6 +177,10 @@ class Worker:
         job.add_done_callback(self._jobs.discard)
 
     # Capacity
+
+    def held_rows(self) -> int:
+        """UNet rows of the tasks it is denoising (its used capacity)."""
+        return sum(self._used_rows().values())
 
     def _used_rows(self) -> dict[str, int]:
         used: dict[str, int] = {}
@@ -208,13 +236,17 @@ class Worker:
         await asyncio.gather(*(self._start(held, began) for held, began in zip(taken, answers)))
 
     async def _start(self, held: _Held, began: list) -> None:
+        context = logs.TASK_UUID.set(held.task_uuid)  # on the log lines about it
         try:
             await self._start_one(held, began)
         except Exception:
             logger.exception("starting task %s failed", held.task_uuid)
             self._end(held, internal_error())
+        finally:
+            logs.TASK_UUID.reset(context)
 
     async def _start_one(self, held: _Held, began: list) -> None:
+        held.began = time.time()
         kind = began[0].decode()
         if kind in ("gone", "done"):  # lost with Redis, or answered already: drop the entry
             self.held.pop(held.task_uuid, None)
@@ -251,6 +283,9 @@ class Worker:
             self._end(held, error)
             return
         request = engine_request(held.task_uuid, held.task, data, held.task.settings.seed or 0)
+        if self.metrics is not None:
+            self.metrics.cluster_wait.observe(max(0.0, held.began - held.queued_at))
+        held.submitted = time.monotonic()
         # Progress tells this worker when a request leaves the UNet (its rows are free).
         self.engine.submit(dataclasses.replace(request, want_progress=True))
 
@@ -293,6 +328,7 @@ class Worker:
 
     async def _complete(self, held: _Held, output: UpscaleResult | EngineError) -> None:
         assert held.task is not None
+        logs.TASK_UUID.set(held.task_uuid)  # a task of its own: no reset needed
         # Images in Redis: the output image is written with the outcome (see Completion.outcome).
         unsaved: list | None = [] if self.images_in_redis else None
         try:
@@ -328,7 +364,8 @@ class Worker:
         try:
             while True:
                 try:
-                    await self.state.finish(held.record, item=item, error=error, webhook=webhook, image=image)
+                    if await self.state.finish(held.record, item=item, error=error, webhook=webhook, image=image):
+                        self._ended(held, error)
                     return
                 except ClusterUnavailable as exc:
                     if self._stopping:
@@ -338,6 +375,22 @@ class Worker:
                     delay = min(delay * 2, 5.0)
         finally:
             self.held.pop(held.task_uuid, None)
+
+    def _ended(self, held: _Held, error: TaskError | None) -> None:
+        """Count a task this worker ended, and write its line. Its latency runs from
+        when it was queued (Redis's clock) to now (this worker's)."""
+        assert held.record is not None
+        total = max(0.0, time.time() - held.queued_at)
+        self.ends.ended(
+            held.task_uuid,
+            held.record.task_type,
+            held.record.session.session_id,
+            code=None if error is None else error.code,
+            deliver_async=held.record.deliver_async,
+            total=total,
+            before_engine=None if held.submitted is None else total - (time.monotonic() - held.submitted),
+            queued=max(0.0, held.began - held.queued_at) if held.began else None,
+        )
 
     # Refresh and reap
 
