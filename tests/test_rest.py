@@ -644,7 +644,8 @@ async def test_no_cors_by_default(rest_server):
 def readme_curl_examples() -> list[str]:
     """The bash blocks of the README's REST section, as written."""
     readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
-    section = readme.split("\n### REST\n", 1)[1].split("\n## ", 1)[0]
+    section = readme.split("\n### REST\n", 1)[1]
+    section = section.split("\n## ", 1)[0].split("\n### ", 1)[0]  # up to the next heading
     return re.findall(r"```bash\n(.*?)```", section, flags=re.DOTALL)
 
 

@@ -49,6 +49,15 @@ def gateway_server(config: GatewayConfig, cluster: ClusterConfig, link: RedisLin
     return GatewayServer(config, engine, store=store, state=state)
 
 
+async def close_all(*closers) -> None:
+    """Await each closer in turn; one that fails is logged and the rest still run."""
+    for close in closers:
+        try:
+            await close()
+        except Exception:
+            logger.exception("shutting down: %s failed", getattr(close, "__qualname__", close))
+
+
 async def run_gateway(config: GatewayConfig, cluster: ClusterConfig, stop: asyncio.Event) -> None:
     link = RedisLink(cluster.redis_url, name=f"gateway:{cluster.member_id}")
     server = gateway_server(config, cluster, link)
@@ -69,10 +78,8 @@ async def run_gateway(config: GatewayConfig, cluster: ClusterConfig, stop: async
         await stop.wait()
         logger.info("shutting down: finishing in-flight tasks (grace %.0f s)", config.shutdown_grace)
     finally:
-        await monitor.close()
-        await server.close()
-        await hooks.close()
-        await link.close()
+        await close_all(monitor.close, server.close, hooks.close, link.close)
+        logger.info("gateway %s stopped", cluster.member_id)
 
 
 async def run_worker(
@@ -110,9 +117,12 @@ async def run_worker(
         await stop.wait()
         logger.info("worker %s stopping (grace %.0f s)", cluster.member_id, config.shutdown_grace)
     finally:
-        await worker.close(grace=config.shutdown_grace)
-        for server in (http, metrics_http):
-            if server is not None:
-                server.close()
-                await server.wait_closed()
-        await link.close()
+
+        async def close_http() -> None:
+            for server in (http, metrics_http):
+                if server is not None:
+                    server.close()
+                    await server.wait_closed()
+
+        await close_all(lambda: worker.close(grace=config.shutdown_grace), close_http, link.close)
+        logger.info("worker %s stopped", cluster.member_id)
