@@ -102,7 +102,35 @@ def _data_uri(w: int, h: int, seed: int) -> str:
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
-class Connection:
+class _Answers:
+    """Matches the items of answer frames to task records by ``taskUUID``."""
+
+    records: dict[str, TaskRecord]
+    unknown: int
+
+    def _on_frame(self, frame: dict, now: float) -> None:
+        for item in frame.get("data", []):
+            self._on_item(item, now, error=None)
+        for item in frame.get("errors", []):
+            self._on_item(item, now, error=item.get("code", "unknown"))
+
+    def _on_item(self, item: dict, now: float, error: str | None) -> TaskRecord | None:
+        """Record ``item``; the task's record if it is its first terminal answer."""
+        record = self.records.get(item.get("taskUUID", ""))
+        if record is None:
+            self.unknown += 1
+            return None
+        if error is None and item.get("status") == "processing":
+            record.first_progress = record.first_progress or now
+            return None
+        record.terminal_count += 1
+        if record.terminal_count > 1:
+            return None
+        record.done, record.ok, record.error, record.cost = now, error is None, error, item.get("cost")
+        return record
+
+
+class Connection(_Answers):
     """One authenticated socket; results are matched to records by ``taskUUID``."""
 
     def __init__(self, url: str, api_key: str, records: dict[str, TaskRecord]) -> None:
@@ -132,31 +160,17 @@ class Connection:
 
     async def _read(self) -> None:
         async for message in self.ws:
-            frame = orjson.loads(message)
-            now = time.perf_counter()
-            for item in frame.get("data", []):
-                self._on_item(item, now, error=None)
-            for item in frame.get("errors", []):
-                self._on_item(item, now, error=item.get("code", "unknown"))
+            self._on_frame(orjson.loads(message), time.perf_counter())
 
-    def _on_item(self, item: dict, now: float, error: str | None) -> None:
-        record = self.records.get(item.get("taskUUID", ""))
-        if record is None:
-            self.unknown += 1
-            return
-        if error is None and item.get("status") == "processing":
-            record.first_progress = record.first_progress or now
-            return
-        record.terminal_count += 1
-        if record.terminal_count > 1:
-            return
-        record.done, record.ok, record.error, record.cost = now, error is None, error, item.get("cost")
-        future = self.waiters.pop(record.task_uuid, None)
+    def _on_item(self, item: dict, now: float, error: str | None) -> TaskRecord | None:
+        record = super()._on_item(item, now, error)
+        future = self.waiters.pop(record.task_uuid, None) if record is not None else None
         if future is not None and not future.done():
             future.set_result(None)
+        return record
 
 
-class RestConnection:
+class RestConnection(_Answers):
     """One HTTP/1.1 keep-alive connection: each task is a sync POST answered in full.
 
     A minimal client (one request at a time, Content-Length bodies, which is what the
@@ -184,21 +198,7 @@ class RestConnection:
         body = orjson.dumps([task])
         record.sent = time.perf_counter()
         _, payload = await self.protocol.request(self.head + b"Content-Length: %d\r\n\r\n" % len(body) + body)
-        frame = orjson.loads(payload)
-        now = time.perf_counter()
-        for item in frame.get("data", []):
-            self._on_item(item, now, error=None)
-        for item in frame.get("errors", []):
-            self._on_item(item, now, error=item.get("code", "unknown"))
-
-    def _on_item(self, item: dict, now: float, error: str | None) -> None:
-        record = self.records.get(item.get("taskUUID", ""))
-        if record is None:
-            self.unknown += 1
-            return
-        record.terminal_count += 1
-        if record.terminal_count == 1:
-            record.done, record.ok, record.error, record.cost = now, error is None, error, item.get("cost")
+        self._on_frame(orjson.loads(payload), time.perf_counter())
 
 
 class _HttpClient(asyncio.Protocol):
