@@ -77,6 +77,7 @@ class RedisState(GatewayState):
         self._attached: dict[str, Peer] = {}  # session id → its live peer here
         self._draining: dict[str, bool] = {}  # session id → drain again when done
         self._running: Counter[str] = Counter()  # API key → tasks registered here, unfinished
+        self._registered: set[str] = set()  # those tasks
         self._peer_ids: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         self._ids = itertools.count()
         self._answered: OrderedDict[str, None] = OrderedDict()  # see ANSWERED_LOCALLY
@@ -189,9 +190,10 @@ class RedisState(GatewayState):
         self._count_finished(record)
 
     def _count_finished(self, record: TaskRecord) -> None:
-        if record.finished:
-            return
-        record.status = "done"  # local bookkeeping only: it no longer counts here
+        """A task registered here no longer counts toward its key's tasks in flight."""
+        if record.task_uuid not in self._registered:
+            return  # not registered here (a worker's), or counted already
+        self._registered.discard(record.task_uuid)
         self._running[record.api_key] -= 1
         if self._running[record.api_key] <= 0:
             del self._running[record.api_key]
@@ -230,6 +232,7 @@ class RedisState(GatewayState):
                 type="string",
             )
         self._running[api_key] += 1
+        self._registered.add(task_uuid)
         record = TaskRecord(task_uuid, task_type, api_key, session, deliver_async)
         record.fingerprint = fingerprint
         return record
