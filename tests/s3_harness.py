@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import httpx
+
+from tests.cluster_harness import free_port
 
 MOTO_INSTALLED = (
     importlib.util.find_spec("moto") is not None and importlib.util.find_spec("flask") is not None
@@ -29,12 +30,6 @@ CREDENTIALS = {
     "AWS_SECRET_ACCESS_KEY": "testing-secret",
     "AWS_DEFAULT_REGION": "us-east-1",
 }
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class MotoServer:

@@ -25,7 +25,7 @@ from engine.client import QueuedOutputs
 
 from . import keys
 from .link import ClusterUnavailable, RedisLink, guarded
-from .state import RedisState
+from .state import LOST, RedisState, task_statuses
 
 __all__ = ["RedisEngineClient", "shape_name"]
 
@@ -118,7 +118,7 @@ class RedisEngineClient(QueuedOutputs):
                 message = f"the cluster's queue is full ({self.max_queued} tasks); try again shortly"
                 self._fail(request.request_id, ErrorCode.OVERLOADED, message)
             elif answer == b"lost":
-                self._fail(request.request_id, ErrorCode.LOST, _LOST)
+                self._fail(request.request_id, ErrorCode.LOST, LOST)
 
     def _fail(self, request_id: str, code: ErrorCode, message: str) -> None:
         if self._waiting.pop(request_id, None) is not None:
@@ -139,10 +139,7 @@ class RedisEngineClient(QueuedOutputs):
                 self._down_since = None
                 continue
             try:
-                async with self.link.redis.pipeline(transaction=False) as pipe:
-                    for request_id in due:
-                        pipe.hget(keys.task(request_id), "status")
-                    statuses = await guarded(pipe.execute())
+                statuses = await task_statuses(self.link, due)
             except ClusterUnavailable:
                 self._down_since = self._down_since or now
                 if now - self._down_since >= self.unavailable_after:
@@ -153,7 +150,7 @@ class RedisEngineClient(QueuedOutputs):
             self._down_since = None
             for request_id, status in zip(due, statuses):
                 if status is None:
-                    self._fail(request_id, ErrorCode.LOST, _LOST)
+                    self._fail(request_id, ErrorCode.LOST, LOST)
                 elif status != b"processing":
                     self._done(request_id)
 
@@ -168,5 +165,3 @@ class RedisEngineClient(QueuedOutputs):
                 task.cancel()
         self._outputs.put_nowait(None)
 
-
-_LOST = "the cluster lost this task's state (its Redis restarted empty); send it again"

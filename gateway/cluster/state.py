@@ -254,10 +254,7 @@ class RedisState(GatewayState):
         if not task_uuids:
             return
         try:
-            async with self.link.redis.pipeline(transaction=False) as pipe:
-                for task_uuid in task_uuids:
-                    pipe.hget(keys.task(task_uuid), "status")
-                statuses = await guarded(pipe.execute())
+            statuses = await task_statuses(self.link, task_uuids)
         except ClusterUnavailable:
             return  # the next sweep looks again
         for task_uuid, status in zip(task_uuids, statuses):
@@ -268,7 +265,7 @@ class RedisState(GatewayState):
             found = None if status is None else await self.lookup(record.api_key, task_uuid)
             if found is None:  # the record is gone (Redis restarted empty)
                 found = record
-                found.status, found.error = "error", TaskError("taskLost", _LOST).for_task(
+                found.status, found.error = "error", TaskError("taskLost", LOST).for_task(
                     record.task_type, task_uuid
                 )
             for _, callback in watchers:
@@ -496,7 +493,15 @@ class RedisState(GatewayState):
         return keys.session("")[:-1], keys.outbox("")[:-1], "}", keys.gateway_channel("")
 
 
-_LOST = "the cluster lost this task's state (its Redis restarted empty); send it again"
+LOST = "the cluster lost this task's state (its Redis restarted empty); send it again"
+
+
+async def task_statuses(link: RedisLink, task_uuids: list[str]) -> list[bytes | None]:
+    """The ``status`` of each task's record (None where it is gone), in one round trip."""
+    async with link.redis.pipeline(transaction=False) as pipe:
+        for task_uuid in task_uuids:
+            pipe.hget(keys.task(task_uuid), "status")
+        return await guarded(pipe.execute())
 
 
 def _ms(seconds: float) -> int:
