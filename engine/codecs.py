@@ -91,6 +91,17 @@ PAD_MULTIPLE = 32  # the engine pads inputs to multiples of this many pixels …
 PAD_MIN = 64  # … and to at least this many (the UNet's skip connections need it)
 
 
+def _orientation(image: Image.Image) -> int:
+    """The EXIF orientation from the header. (``getexif()`` decodes a whole PNG, to find
+    an eXIf chunk after its pixels; one there only costs a batch its shape-mate.)"""
+    if image.format == "PNG":
+        exif = Image.Exif()
+        if image.info.get("exif"):  # an eXIf chunk before the pixels (where the PNG spec puts it)
+            exif.load(image.info["exif"])
+        return exif.get(0x0112, 1)
+    return image.getexif().get(0x0112, 1)
+
+
 def latent_shape(data: bytes) -> tuple[int, int] | None:
     """The padded latent (h, w) the engine will give this image, read from its header
     alone (no pixel is decoded), or None if the header cannot be read. Requests of one
@@ -98,7 +109,7 @@ def latent_shape(data: bytes) -> tuple[int, int] | None:
     try:
         image = Image.open(io.BytesIO(data))
         width, height = image.size
-        orientation = image.getexif().get(0x0112, 1)
+        orientation = _orientation(image)
     except Exception:  # untrusted bytes: the engine reports what is wrong with them
         return None
     if orientation in _SWAPPING_ORIENTATIONS:

@@ -336,6 +336,51 @@ async def test_workers_pull_by_capacity_and_fill_their_batches(cluster):
         assert engine["mean_rows"] >= 0.9 * 4, engine
 
 
+async def test_an_idle_worker_is_handed_its_task_without_pulling(cluster, redis_server):
+    """At light load a gateway hands each task to an idle worker in the enqueue itself
+    (the worker's inbox); the worker then pulls more of the same shape by capacity."""
+    gw = cluster.gateway("gw")
+    w1 = cluster.worker("w1", "--max-batch-rows", "4")
+    await cluster.ready(gw, w1)
+
+    async def idle() -> bool:
+        return redis_server.command(b"ZSCORE", b"lu:idle", b"w1") not in (None, b"$-1")
+
+    async with connected(gw.url) as c:
+        for n in range(3):  # one at a time: each is pushed
+            await wait_for(idle)
+            results = await c.run([upscale_task(settings={"steps": 2, "seed": n})])
+            assert [terminal(items)[0]["status"] for items in results.values()] == ["success"]
+        assert (await w1.stats())["pushed"] == 3
+        await wait_for(idle)
+        burst = [upscale_task(settings={"steps": 6}) for _ in range(6)]
+        results = await c.run(burst, timeout=120)  # one pushed, the rest pulled
+        assert await c.quiet(0.5) == []
+    assert all(len(terminal(items)) == 1 and terminal(items)[0]["status"] == "success" for items in results.values())
+    stats = await w1.stats()
+    assert stats["pushed"] == 4 and stats["engine"]["succeeded"] == 9, stats
+
+
+async def test_a_worker_restarted_under_its_own_id_takes_back_its_tasks(cluster):
+    """A worker killed and started again with the same ``--worker-id`` (as an
+    orchestrator's stable names do) keeps its liveness key alive, so nobody else would
+    ever claim what it held: it begins those tasks again itself."""
+    gw = cluster.gateway("gw")
+    slow_claims = ["--max-batch-rows", "4", "--claim-timeout", "30"]  # no reaping within this test
+    w1 = cluster.worker("w1", *slow_claims)
+    await cluster.ready(gw, w1)
+    tasks = [upscale_task(settings={"steps": 30}) for _ in range(4)]
+    async with connected(gw.url) as c:
+        await c.send(tasks)
+        await wait_for(lambda: _holds(w1), every=0.05)
+        w1.signal(signal.SIGKILL)
+        again = cluster.worker("w1", *slow_claims)
+        results = await c.collect({t["taskUUID"] for t in tasks}, timeout=25)
+        assert await c.quiet(0.5) == []
+    assert all(len(terminal(items)) == 1 and items[-1]["status"] == "success" for items in results.values())
+    assert (await again.stats())["redelivered"] > 0
+
+
 async def test_rest_on_cluster_gateways_with_retries_across_them(cluster):
     """REST (POST /v1) on a cluster gateway: a sync task waits for the worker's result;
     the same task re-POSTed to the other gateway attaches to it (its result, not a

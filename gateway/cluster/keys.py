@@ -15,6 +15,8 @@ key                    type     what
 ``lu:img:{uuid}``      hash     an image: media type and bytes, with its TTL
 ``lu:img-expiry``      zset     images in S3 (``--image-store s3://…``): UUID scored by expiry
 ``lu:alive:{role}:id`` string   liveness of a gateway or worker (TTL)
+``lu:idle``            zset     idle workers (scored by when): ENQUEUE pushes work to them
+``lu:inbox:{id}``      stream   work pushed to worker ``id`` (begun already), read by it
 =====================  =======  ===========================================================
 
 Channels (pub/sub, hints only: every reader also sweeps on a timer):
@@ -33,6 +35,7 @@ WORK_CHANNEL = PREFIX + "work"
 WORKERS_GROUP = "workers"
 GATEWAYS_GROUP = "gateways"
 IMAGE_EXPIRY = PREFIX + "img-expiry"
+IDLE = PREFIX + "idle"
 ANY_SHAPE = "any"  # inputs whose size the gateway could not read: the engine says why
 
 
@@ -54,6 +57,10 @@ def outbox(session_id: str) -> str:
 
 def image(image_uuid: str) -> str:
     return f"{PREFIX}img:{{{image_uuid}}}"
+
+
+def inbox(worker_id: str) -> str:
+    return f"{PREFIX}inbox:{{{worker_id}}}"
 
 
 def alive(role: str, member_id: str) -> str:

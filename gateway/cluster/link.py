@@ -11,6 +11,10 @@ listener and a health flag.
 
 Redis errors reach callers as :class:`ClusterUnavailable` (from :func:`guarded`), one
 type to handle wherever the cluster is used.
+
+Scripts in a pipeline are queued with :meth:`RedisLink.queue` and the pipeline run with
+:meth:`RedisLink.execute`, not with redis-py's ``Script(client=pipe)``: that one sends
+``SCRIPT EXISTS`` before every pipeline, a round trip more on the hot path.
 """
 
 from __future__ import annotations
@@ -23,7 +27,8 @@ import time
 from collections.abc import Awaitable, Callable
 
 import redis.asyncio as aioredis
-from redis.exceptions import RedisError
+from redis.asyncio.client import Pipeline
+from redis.exceptions import NoScriptError, RedisError
 
 from . import scripts
 
@@ -102,6 +107,35 @@ class RedisLink:
 
     async def script(self, name: str, keys: list[str], args: list) -> object:
         return await guarded(self.scripts[name](keys=keys, args=args))
+
+    def queue(self, pipe: Pipeline, name: str, keys: list[str], args: list) -> None:
+        """Queue script ``name`` on ``pipe`` as a bare ``EVALSHA`` (run it with :meth:`execute`)."""
+        pipe.evalsha(self.scripts[name].sha, len(keys), *keys, *args)
+
+    async def execute(self, pipe: Pipeline, *, raise_on_error: bool = True) -> list:
+        """Run ``pipe``; its answers, in order (errors in their places when not
+        ``raise_on_error``, else the first one raised as :class:`ClusterUnavailable`).
+
+        Redis answers ``NOSCRIPT`` only when it lost its scripts (it restarted): then
+        they are loaded, and the commands that got it, which had not run, run again in
+        order, in a pipeline of the same kind."""
+        stack = list(pipe.command_stack)
+        answers = await guarded(pipe.execute(raise_on_error=False))
+        again = [i for i, answer in enumerate(answers) if isinstance(answer, NoScriptError)]
+        if again:
+            for script in self.scripts.values():
+                await guarded(self.redis.script_load(script.script))
+            async with self.redis.pipeline(transaction=pipe.is_transaction) as retry:
+                for i in again:
+                    command, options = stack[i]
+                    retry.pipeline_execute_command(*command, **options)
+                for i, answer in zip(again, await guarded(retry.execute(raise_on_error=False))):
+                    answers[i] = answer
+        if raise_on_error:
+            for answer in answers:
+                if isinstance(answer, Exception):
+                    raise ClusterUnavailable(f"Redis: {type(answer).__name__}: {answer}") from answer
+        return answers
 
     # Health
 

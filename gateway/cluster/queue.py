@@ -8,7 +8,9 @@ and complete the requests; :meth:`outputs` then says :class:`~engine.api.Finishe
 or an :class:`~engine.api.EngineError` for a request the cluster refused (queue full),
 lost (Redis restarted empty) or could not reach for ``unavailable_after`` seconds.
 
-The request's image travels by reference (``image_uuid``: it is in the shared image
+When a worker is idle, ``ENQUEUE`` hands it the task in the same step (its inbox), so
+at light load a task reaches an engine without waiting for a pull. The request's image
+travels by reference (``image_uuid``: it is in the shared image
 store already) and its ``context`` is what the worker needs to answer it.
 """
 
@@ -24,7 +26,7 @@ from engine.api import EngineError, ErrorCode, Finished, UpscaleRequest
 from engine.client import QueuedOutputs
 
 from . import keys
-from .link import ClusterUnavailable, RedisLink, guarded
+from .link import ClusterUnavailable, RedisLink
 from .state import LOST, RedisState, task_statuses
 
 __all__ = ["RedisEngineClient", "shape_name"]
@@ -45,12 +47,23 @@ class RedisEngineClient(QueuedOutputs):
     remote = True
 
     def __init__(
-        self, link: RedisLink, state: RedisState, *, max_queued: int, unavailable_after: float
+        self,
+        link: RedisLink,
+        state: RedisState,
+        *,
+        max_queued: int,
+        unavailable_after: float,
+        max_deliveries: int,
+        images_in_redis: bool,
     ) -> None:
+        """``max_deliveries`` and ``images_in_redis`` are for the tasks this gateway
+        hands to an idle worker itself: it begins them as the worker's pull would."""
         super().__init__()
         self.link = link
         self.max_queued = max_queued  # 0: no global bound
         self.unavailable_after = unavailable_after
+        self.max_deliveries = max_deliveries
+        self.image_prefix = keys.image("")[:-1] if images_in_redis else ""
         state.on_task_done = self._done
         self._buffer: list[UpscaleRequest] = []
         self._submitted = asyncio.Event()
@@ -90,21 +103,20 @@ class RedisEngineClient(QueuedOutputs):
                     self._fail(request.request_id, ErrorCode.INTERNAL, "the task could not be queued")
 
     async def _enqueue(self, batch: list[UpscaleRequest]) -> None:
-        """A batch of submissions, in one pipeline of ``ENQUEUE`` calls."""
-        script = self.link.scripts["ENQUEUE"]
+        """A batch of submissions, in one pipeline of ``ENQUEUE`` calls (each hands its
+        task to an idle worker, or hints the workers)."""
         prefix = keys.queue("")[:-1]
         try:
             async with self.link.redis.pipeline(transaction=False) as pipe:
                 for request in batch:
                     shape = shape_name(request.image)
                     rows = 2 if request.cfg_scale > 1 else 1
-                    await script(
-                        keys=[keys.task(request.request_id), keys.SHAPES, keys.queue(shape)],
-                        args=[self.max_queued, shape, request.request_id, rows, request.context, prefix, "}"],
-                        client=pipe,
-                    )
-                pipe.publish(keys.WORK_CHANNEL, b"")
-                answers = await guarded(pipe.execute(raise_on_error=False))
+                    args = [self.max_queued, shape, request.request_id, rows, request.context, prefix, "}"]
+                    args += [self.max_deliveries, self.image_prefix, keys.inbox("")[:-1]]
+                    args += [keys.alive("worker", ""), keys.WORK_CHANNEL, keys.task("")[:-1]]
+                    task_keys = [keys.task(request.request_id), keys.SHAPES, keys.queue(shape), keys.IDLE]
+                    self.link.queue(pipe, "ENQUEUE", task_keys, args)
+                answers = await self.link.execute(pipe, raise_on_error=False)
         except ClusterUnavailable as exc:
             logger.warning("could not enqueue %d tasks: %s", len(batch), exc)
             for request in batch:

@@ -25,6 +25,7 @@ from ..images import image_store
 from ..metrics import Metrics, cluster_families, worker_families
 from ..routes import HttpResponse, metrics_response, text
 from ..server import GatewayServer, serve_http_only, serve_metrics
+from .images import RedisImageStore
 from .link import RedisLink
 from .monitor import ClusterMonitor
 from .queue import RedisEngineClient
@@ -42,10 +43,15 @@ def gateway_server(config: GatewayConfig, cluster: ClusterConfig, link: RedisLin
     state = RedisState(
         link, member_id=cluster.member_id, session_ttl=config.session_ttl, record_ttl=config.record_ttl
     )
-    engine = RedisEngineClient(
-        link, state, max_queued=cluster.max_queued, unavailable_after=cluster.claim_timeout
-    )
     store = image_store(config.image_store, link=link)  # Redis, or S3 with its expiry index on Redis
+    engine = RedisEngineClient(
+        link,
+        state,
+        max_queued=cluster.max_queued,
+        unavailable_after=cluster.claim_timeout,
+        max_deliveries=cluster.max_deliveries,
+        images_in_redis=isinstance(store, RedisImageStore),
+    )
     return GatewayServer(config, engine, store=store, state=state)
 
 

@@ -9,9 +9,12 @@ a retried call after a failover).
 
 - :data:`REGISTER` — a new task record, or what is known of an existing one (a
   conflict, or a retry the caller may attach to); :data:`FORGET` drops a finished one.
-- :data:`ENQUEUE` — global backpressure check, then the task's queue entry.
+- :data:`ENQUEUE` — global backpressure check, then the task's queue entry; if a worker
+  is idle, the entry is taken for it and begun at once, and pushed to its inbox (no
+  pull round trip), else the workers are hinted.
 - :data:`PULL` — a worker takes entries by capacity: first from the shapes it runs,
   then, when it may take a new shape, from the one whose oldest entry waited longest.
+  It says whether entries are still waiting, and registers an idle worker as such.
 - :data:`START` — a worker begins a task: counts the delivery (a crash counts), and
   says whether it is still to run, already done, or poisoned (past the limit).
 - :data:`REFRESH` — a worker's heartbeat on the entries it still owns (idle time reset
@@ -85,6 +88,24 @@ local function begin(task_key, max_deliveries, worker, image_prefix, suffix)
 end
 """
 
+# Shared Lua: the time (ms) of the oldest entry of a queue not yet delivered to any
+# worker, or nil when there is none.
+_WAITING = """
+local function waiting_since(queue_key)
+  local groups = redis.pcall('XINFO', 'GROUPS', queue_key)
+  if type(groups) ~= 'table' then return nil end
+  for _, group in ipairs(groups) do
+    local info = {}
+    for j = 1, #group, 2 do info[group[j]] = group[j + 1] end
+    if info['name'] == 'workers' then
+      local first = redis.call('XRANGE', queue_key, '(' .. info['last-delivered-id'], '+', 'COUNT', 1)
+      if first[1] then return tonumber(string.match(first[1][1], '^(%d+)')) end
+    end
+  end
+  return nil
+end
+"""
+
 # KEYS: task. ARGV: key hash, session id, async (1/0), taskType, TTL ms, gateway id,
 # origin peer id, content fingerprint.
 REGISTER = """
@@ -103,9 +124,18 @@ if status and status ~= 'processing' then return redis.call('DEL', KEYS[1]) end
 return 0
 """
 
-# KEYS: task, shapes set, the shape's queue. ARGV: max queued (0: no bound), shape,
-# task uuid, rows, context, queue prefix, suffix.
-ENQUEUE = """
+# KEYS: task, shapes set, the shape's queue, idle workers (zset). ARGV: max queued (0:
+# no bound), shape, task uuid, rows, context, queue prefix, suffix, max deliveries,
+# image prefix ('' when images are not in Redis), inbox prefix, liveness key prefix,
+# work channel, task prefix.
+# Returns the entry id ('pushed:' before it when an idle worker took it), 'full' or 'lost'.
+# An idle worker (one whose last PULL found nothing and holds nothing) takes the entry
+# here: read for it from its group (so it is pending under it, as if it had pulled it),
+# begun, and written with begin's answer to its inbox stream, on which it blocks. Idle
+# workers whose liveness key has expired are dropped on the way.
+ENQUEUE = (
+    _BEGIN
+    + """
 if redis.call('EXISTS', KEYS[1]) == 0 then return 'lost' end
 local max = tonumber(ARGV[1])
 if max > 0 then
@@ -120,17 +150,44 @@ if redis.call('SADD', KEYS[2], ARGV[2]) == 1 or redis.call('EXISTS', KEYS[3]) ==
 end
 local id = redis.call('XADD', KEYS[3], '*', 't', ARGV[3], 'r', ARGV[4])
 redis.call('HSET', KEYS[1], 'ctx', ARGV[5], 'entry', id, 'shape', ARGV[2])
+while true do
+  local idle = redis.call('ZPOPMIN', KEYS[4])
+  if not idle[1] then break end
+  local worker = idle[1]
+  if redis.call('EXISTS', ARGV[11] .. worker) == 1 then
+    local r = redis.call('XREADGROUP', 'GROUP', 'workers', worker, 'COUNT', 1, 'STREAMS', KEYS[3], '>')
+    local entry = r and r[1] and r[1][2][1]
+    if not entry then break end
+    local fields = {}
+    for j = 1, #entry[2], 2 do fields[entry[2][j]] = entry[2][j + 1] end
+    local task_uuid = fields['t'] or ''
+    local b = begin(ARGV[13] .. task_uuid .. ARGV[7], ARGV[8], worker, ARGV[9], ARGV[7])
+    redis.call('XADD', ARGV[10] .. worker .. ARGV[7], 'MAXLEN', '~', 256, '*', 's', ARGV[2], 'e', entry[1],
+      't', task_uuid, 'r', fields['r'] or '1', 'v', b[1], 'c', b[2] or '', 'i', b[3] or '', 'a', b[4] or '0',
+      'y', b[5] or '', 'n', b[6] or '0', 'm', b[7] or '', 'd', b[8] or '')
+    return 'pushed:' .. id
+  end
+end
+redis.call('PUBLISH', ARGV[12], '')
 return id
 """
+)
 
-# KEYS: shapes set. ARGV: consumer, rows to take from a new shape (0: none), how long
-# (ms) the oldest entry of a new shape must have waited (0: any), queue prefix, suffix,
-# max deliveries, task prefix, image prefix, then pairs (shape, free rows) of the shapes
-# the worker runs. Entries are taken one at a time until their rows fill the free rows
-# (a two-row entry may exceed them by one), and each is begun at once (see _BEGIN).
-# Returns a list of {shape, entry id, task uuid, rows, begin's answer...}.
+# KEYS: shapes set, idle workers (zset), the worker's inbox. ARGV: consumer, rows to
+# take from a new shape (0: none), how long (ms) the oldest entry of a new shape must
+# have waited (0: any), queue prefix, suffix, max deliveries, task prefix, image prefix,
+# whether the worker holds nothing (1/0), the last inbox entry it read, then pairs
+# (shape, free rows) of the shapes the worker runs. Entries are taken one at a time
+# until their rows fill the free rows (a two-row entry may exceed them by one), and each
+# is begun at once (see _BEGIN).
+# Returns {more, taken}: more is 1 when entries are still waiting in some queue after
+# this pull (the worker pulls again when rows free up), taken a list of {shape, entry
+# id, task uuid, rows, begin's answer...}. A worker that holds nothing, took nothing and
+# has nothing unread in its inbox is registered idle (ENQUEUE then pushes to it);
+# otherwise it is not.
 PULL = (
     _BEGIN
+    + _WAITING
     + """
 local out = {}
 local held = {}
@@ -150,37 +207,37 @@ local function read(shape, free)
     table.insert(out, {shape, entry[1], task_uuid, tostring(rows), unpack(began)})
   end
 end
-for i = 9, #ARGV, 2 do
+for i = 11, #ARGV, 2 do
   held[ARGV[i]] = true
   read(ARGV[i], tonumber(ARGV[i + 1]))
 end
 local want = tonumber(ARGV[2])
-if want <= 0 then return out end
-local best, best_ms = nil, nil
-for _, shape in ipairs(redis.call('SMEMBERS', KEYS[1])) do
-  if not held[shape] then
-    local key = ARGV[4] .. shape .. ARGV[5]
-    local groups = redis.pcall('XINFO', 'GROUPS', key)
-    if type(groups) == 'table' then
-      for _, group in ipairs(groups) do
-        local info = {}
-        for j = 1, #group, 2 do info[group[j]] = group[j + 1] end
-        if info['name'] == 'workers' then
-          local first = redis.call('XRANGE', key, '(' .. info['last-delivered-id'], '+', 'COUNT', 1)
-          if first[1] then
-            local ms = tonumber(string.match(first[1][1], '^(%d+)'))
-            if best_ms == nil or ms < best_ms then best, best_ms = shape, ms end
-          end
-        end
-      end
+if want > 0 then
+  local best, best_ms = nil, nil
+  for _, shape in ipairs(redis.call('SMEMBERS', KEYS[1])) do
+    if not held[shape] then
+      local ms = waiting_since(ARGV[4] .. shape .. ARGV[5])
+      if ms and (best_ms == nil or ms < best_ms) then best, best_ms = shape, ms end
     end
   end
+  if best ~= nil then
+    local now = redis.call('TIME')
+    local now_ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
+    if tonumber(ARGV[3]) == 0 or now_ms - best_ms >= tonumber(ARGV[3]) then read(best, want) end
+  end
 end
-if best == nil then return out end
-local now = redis.call('TIME')
-local now_ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
-if tonumber(ARGV[3]) == 0 or now_ms - best_ms >= tonumber(ARGV[3]) then read(best, want) end
-return out
+local more = 0
+for _, shape in ipairs(redis.call('SMEMBERS', KEYS[1])) do
+  if waiting_since(ARGV[4] .. shape .. ARGV[5]) then more = 1; break end
+end
+local unread = redis.call('XRANGE', KEYS[3], '(' .. ARGV[10], '+', 'COUNT', 1)
+if ARGV[9] == '1' and #out == 0 and #unread == 0 then
+  local now = redis.call('TIME')
+  redis.call('ZADD', KEYS[2], tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000), ARGV[1])
+else
+  redis.call('ZREM', KEYS[2], ARGV[1])
+end
+return {more, out}
 """
 )
 

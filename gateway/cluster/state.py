@@ -334,8 +334,8 @@ class RedisState(GatewayState):
             return await self.link.script("FINISH", [keys.task(record.task_uuid), keys.HOOKS], args)
         async with self.link.redis.pipeline(transaction=True) as pipe:
             put_image(pipe, image)
-            await self.link.scripts["FINISH"](keys=[keys.task(record.task_uuid), keys.HOOKS], args=args, client=pipe)
-            return (await guarded(pipe.execute()))[-1]
+            self.link.queue(pipe, "FINISH", [keys.task(record.task_uuid), keys.HOOKS], args)
+            return (await self.link.execute(pipe))[-1]
 
     def _answer_here(self, record: TaskRecord, frame: bytes) -> bool:
         if not self.serves_sessions:
@@ -360,14 +360,13 @@ class RedisState(GatewayState):
         """Progress of every task that moved since the last flush, in one round trip."""
         await asyncio.sleep(0)  # let the outputs of this loop turn gather
         updates, self._progress, self._flushing = self._progress, {}, False
-        script = self.link.scripts["PROGRESS"]
         sess, out, suffix, channel = self._prefixes()
         try:
             async with self.link.redis.pipeline(transaction=False) as pipe:
                 for task_uuid, (key, percent, frame) in updates.items():
                     args = [percent, frame, MAX_REPLAY, sess, out, suffix, channel, task_uuid]
-                    await script(keys=[key], args=args, client=pipe)
-                await guarded(pipe.execute())
+                    self.link.queue(pipe, "PROGRESS", [key], args)
+                await self.link.execute(pipe)
         except ClusterUnavailable as exc:
             logger.debug("progress not recorded: %s", exc)
 

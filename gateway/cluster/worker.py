@@ -1,16 +1,21 @@
 """A cluster worker: one engine, fed from the Redis queues by its own capacity.
 
-Four loops around an :class:`~engine.client.EngineClient` (the same in-process engine
+Five loops around an :class:`~engine.client.EngineClient` (the same in-process engine
 as ``serve``):
 
-- **pull** — when woken (a ``lu:work`` hint, a request leaving the UNet, or every half
-  second), ``PULL`` takes entries that fit the free rows of its next UNet calls: first
-  from the shapes it runs, so its batches stay full; a new shape only when it holds no
-  rows (the one whose oldest entry waited longest), or when that entry has waited
-  ``STARVE_AFTER`` and nobody idle took it. It never pulls ahead "just in case".
-  Each entry is then ``START``-ed (a delivery counted: past ``max_deliveries`` the task
-  is poison and ends with an error), its input read from the image store (in the same
-  step when images are in Redis; from S3 after it otherwise), and submitted.
+- **pull** — when woken (a ``lu:work`` hint, a request leaving the UNet while entries
+  wait, its last task finished, or every half second), ``PULL`` takes entries that fit
+  the free rows of its next UNet calls: first from the shapes it runs, so its batches
+  stay full; a new shape only when it holds no rows (the one whose oldest entry waited
+  longest), or when that entry has waited ``STARVE_AFTER`` and nobody idle took it. It
+  never pulls ahead "just in case". Each entry is begun in the same step (a delivery
+  counted: past ``max_deliveries`` the task is poison and ends with an error), its input
+  read from the image store (in the same step when images are in Redis; from S3 after
+  it otherwise), and submitted. A pull that finds nothing for a worker holding nothing
+  registers it idle.
+- **inbox** — blocks on the worker's inbox stream, where a gateway's ``ENQUEUE`` puts
+  a task it took for this worker because it was idle (begun already): at light load a
+  task reaches the engine without a pull round trip.
 - **outputs** — progress (a request whose last step is done frees its rows and wakes
   the pull), and each terminal output completed here as in ``serve``
   (``completion.py``) and recorded by ``FINISH``: exactly once, whoever finishes first.
@@ -128,8 +133,11 @@ class Worker:
         self.ends = TaskEnds(metrics)  # each task's end: counted, and its log line
         self.held: dict[str, _Held] = {}
         self.redelivered = 0  # tasks this worker took over from another
+        self.pushed = 0  # tasks a gateway handed it while it was idle (its inbox)
         self.dead_lettered = 0  # poison tasks it ended
         self._wake = asyncio.Event()
+        self._backlog = True  # entries may be waiting (the last pull said so, or none yet)
+        self._inbox_seen = "0-0"  # the last inbox entry read
         self._stopping = False
         self._loops: list[asyncio.Task] = []
         self._jobs: set[asyncio.Task] = set()
@@ -143,10 +151,10 @@ class Worker:
         await self.engine.start()
         await self.state.start()
         await self._heartbeat()  # before its first pull: a consumer without one looks dead
-        self._loops = [
-            asyncio.create_task(loop(), name=f"worker-{loop.__name__}")
-            for loop in (self._pull_loop, self._outputs_loop, self._refresh_loop, self._reap_loop)
-        ]
+        await self._recover()
+        loops = (self._pull_loop, self._inbox_loop, self._outputs_loop, self._refresh_loop, self._reap_loop)
+        self._loops = [asyncio.create_task(loop(), name=f"worker-{loop.__name__}") for loop in loops]
+        self._wake.set()  # a first pull at once: it registers the worker idle if there is nothing
         logger.info("worker %s pulling work (%d rows per call)", self.id, self.max_rows)
 
     @property
@@ -157,16 +165,21 @@ class Worker:
         """Stop pulling; let what it holds finish within ``grace`` seconds. What is still
         unfinished then is left in the queue for another worker (not acknowledged)."""
         self._stopping = True
+        with contextlib.suppress(ClusterUnavailable):  # no more work pushed to it
+            await guarded(self.link.redis.zrem(keys.IDLE, self.id))
         deadline = time.monotonic() + grace
         while (self.held or self._jobs) and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
-        await self.engine.close()
         for task in self._loops:
             task.cancel()
         await asyncio.gather(*self._loops, return_exceptions=True)
+        await self.engine.close()
         for job in list(self._jobs):
             job.cancel()
         await asyncio.gather(*self._jobs, return_exceptions=True)
+        # What it still holds goes to other workers at once, not after the claim timeout.
+        with contextlib.suppress(ClusterUnavailable):
+            await guarded(self.link.redis.delete(keys.alive("worker", self.id)))
         await self.state.close()
         await self.store.close()
         await self.outbound.aclose()
@@ -212,14 +225,71 @@ class Worker:
         starve = 0 if not used else int(STARVE_AFTER * 1000)
         suffix = "}"
         args = [self.id, self.max_rows, starve, keys.queue("")[:-1], suffix, self.cluster.max_deliveries]
-        args += [keys.task("")[:-1], self._image_prefix, *pairs]
-        taken = await self.link.script("PULL", [keys.SHAPES], args)
-        starts = []
-        for shape, entry, task_uuid, rows, *began in taken:
-            held = _Held(task_uuid.decode(), shape.decode(), int(rows), entry.decode())
-            self.held[held.task_uuid] = held
-            starts.append(self._start(held, began))
-        await asyncio.gather(*starts)  # (inputs in S3 are read concurrently; in order otherwise)
+        args += [keys.task("")[:-1], self._image_prefix, int(not self.held), self._inbox_seen, *pairs]
+        more, taken = await self.link.script("PULL", [keys.SHAPES, keys.IDLE, keys.inbox(self.id)], args)
+        self._backlog = bool(more)
+        # Each: shape, entry id, task uuid, rows, then begin's answer.
+        await self._start_all([self._hold(*t[:4]) for t in taken], [t[4:] for t in taken])
+
+    def _hold(self, shape: bytes, entry: bytes, task_uuid: bytes, rows: bytes) -> _Held:
+        held = _Held(task_uuid.decode(), shape.decode(), int(rows), entry.decode())
+        self.held[held.task_uuid] = held
+        return held
+
+    async def _start_all(self, held: list[_Held], began: list[list]) -> None:
+        # (inputs in S3 are read concurrently; in order otherwise)
+        await asyncio.gather(*(self._start(h, b) for h, b in zip(held, began)))
+
+    async def _inbox_loop(self) -> None:
+        """Tasks a gateway took for this worker while it was idle (see ``ENQUEUE``)."""
+        inbox = keys.inbox(self.id)
+        while True:
+            try:
+                got = await guarded(self.link.redis.xread({inbox: self._inbox_seen}, count=64, block=1000))
+            except ClusterUnavailable as exc:
+                logger.debug("inbox not read: %s", exc)
+                await asyncio.sleep(0.5)
+                continue
+            entries = [entry for _, stream in got or [] for entry in stream]
+            if not entries:
+                continue
+            self._inbox_seen = entries[-1][0].decode()
+            fresh = [(i, f) for i, f in entries if f[b"t"].decode() not in self.held]
+            held = [self._hold(f[b"s"], f[b"e"], f[b"t"], f[b"r"]) for _, f in fresh]
+            self.pushed += len(held)
+            began = [[f[name] for name in (b"v", b"c", b"i", b"a", b"y", b"n", b"m", b"d")] for _, f in fresh]
+            await self._start_all(held, began)
+            self._spawn(self._forget_inbox([i for i, _ in entries]))
+
+    async def _forget_inbox(self, ids: list[bytes]) -> None:
+        """Read inbox entries carry input images: they leave the stream once read."""
+        with contextlib.suppress(ClusterUnavailable):
+            await guarded(self.link.redis.xdel(keys.inbox(self.id), *ids))
+
+    async def _recover(self) -> None:
+        """A worker restarted under the same id: what its previous run was pushed or had
+        pending is begun again here (its idle mark and inbox are stale)."""
+        try:
+            await guarded(self.link.redis.delete(keys.inbox(self.id)))
+            await guarded(self.link.redis.zrem(keys.IDLE, self.id))
+            for shape in [s.decode() for s in await guarded(self.link.redis.smembers(keys.SHAPES))]:
+                queue = keys.queue(shape)
+                try:
+                    pending = await guarded(
+                        self.link.redis.xpending_range(queue, keys.WORKERS_GROUP, "-", "+", 1000, self.id)
+                    )
+                except ClusterUnavailable:
+                    continue  # no group yet
+                ids = [p["message_id"] for p in pending]
+                if not ids:
+                    continue
+                entries = await guarded(self.link.redis.xclaim(queue, keys.WORKERS_GROUP, self.id, 0, ids))
+                taken = [_Held(f[b"t"].decode(), shape, int(f.get(b"r", b"1")), e.decode()) for e, f in entries if f]
+                if taken:
+                    logger.warning("taking back %d tasks of shape %s from this worker's previous run", len(taken), shape)
+                    await self._take_over(taken)
+        except ClusterUnavailable as exc:
+            logger.warning("could not look for this worker's earlier tasks: %s", exc)
 
     async def _take_over(self, taken: list[_Held]) -> None:
         """Begin entries taken over from a silent worker (``START``, one round trip)."""
@@ -315,7 +385,8 @@ class Worker:
             if isinstance(output, Progress):
                 if output.step >= output.total_steps and held.denoising:
                     held.denoising = False
-                    self._wake.set()
+                    if self._backlog:  # else a pull now would only delay this task's finish
+                        self._wake.set()
                 if held.wants_progress and held.record is not None and held.task is not None:
                     self.state.progress(held.record, output.percent, live=held.task.includeProgress)
                 continue
@@ -375,6 +446,8 @@ class Worker:
                     delay = min(delay * 2, 5.0)
         finally:
             self.held.pop(held.task_uuid, None)
+            if not self.held:  # idle: pull, and be registered idle if there is nothing
+                self._wake.set()
 
     def _ended(self, held: _Held, error: TaskError | None) -> None:
         """Count a task this worker ended, and write its line. Its latency runs from
@@ -502,6 +575,7 @@ class Worker:
             "held": len(self.held),
             "held_rows": sum(used.values()),
             "redelivered": self.redelivered,
+            "pushed": self.pushed,
             "dead_lettered": self.dead_lettered,
             **({"image_store": store} if (store := self.store.stats()) else {}),
         }
