@@ -72,6 +72,9 @@ class UpscaleRequest:
     output_quality: int = 95
     # Emit Progress items for this request (the engine skips the work otherwise).
     want_progress: bool = False
+    # Emit one Progress when its last denoising step is done (its rows leave the UNet),
+    # even without want_progress: how a cluster worker knows its capacity freed up.
+    want_denoised: bool = False
     # For engines that run requests elsewhere (a cluster): the UUID under which
     # ``image`` is already in the shared image store (it travels by reference), and
     # what the completing side needs to turn the output into the task's answer (opaque

@@ -152,7 +152,7 @@ class NullEngineClient(QueuedOutputs):
         if len(self._cache) >= 64:
             self._cache.pop(next(iter(self._cache)))
         self._cache[key] = (data, width, height)
-        if request.want_progress:
+        if request.want_progress or request.want_denoised:
             self._outputs.put_nowait(Progress(request.request_id, request.steps, request.steps))
         self._outputs.put_nowait(
             UpscaleResult(

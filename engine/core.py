@@ -355,7 +355,7 @@ class EngineCore:
             request.unet_calls += 1
             request.max_batch_rows = max(request.max_batch_rows, batch.rows)
             request.engine_seconds += seconds * request.rows / batch.rows
-            if request.api.want_progress:
+            if request.api.want_progress or (request.api.want_denoised and request.done_denoising):
                 self._emit(Progress(request.request_id, request.step_index, request.total_steps))
             if request.done_denoising:
                 request.denoised_at = now

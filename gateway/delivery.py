@@ -52,13 +52,13 @@ from .config import GatewayConfig
 from .errors import TaskError, internal_error
 from .http import Outbound, OutboundError
 from .images import ImageStore, MemoryImageStore, StoredImage
-from .inputs import Inputs, is_url
+from .inputs import Inputs, is_url, is_uuid
 from .metrics import Metrics
 from .observe import TaskEnds
 from .peer import Peer
 from .protocol import GetResponse, ImageUpload, Upscale, data_frame, error_frame
 from .session import SessionStore, TaskRecord
-from .state import GatewayState, LocalState, progress_item
+from .state import Admission, GatewayState, LocalState, progress_item
 
 __all__ = ["Gateway", "engine_request", "task_context"]
 
@@ -177,15 +177,18 @@ class Gateway:
         Returns its record, or None if it was refused (the error went to ``peer``).
         ``fingerprint``: a digest of the task's content, kept so a retry can attach."""
         needs_io = task.webhookURL or task.uploadEndpoint or is_url(task.image)  # DNS or a download
-        storing = None
+        storing = admit = None
         received = time.monotonic()
         try:
             self._check_upscale(peer, task)
             assert peer.session is not None
             if not (needs_io or self._inline):
-                # Shared stores: the input is stored while the task registers (one round
-                # trip instead of two; on a conflict the stored input just expires).
-                storing = asyncio.ensure_future(self.inputs.resolve_local(task.image, task.image_field))
+                # A cluster takes an inline input, the record and the queue entry in one
+                # round trip; other shared stores get the input while the task registers
+                # (on a conflict the stored input just expires).
+                admit = self._admission(task)
+                if admit is None:
+                    storing = asyncio.ensure_future(self.inputs.resolve_local(task.image, task.image_field))
             record = await self.state.register(
                 peer.api_key,
                 peer.session,
@@ -194,6 +197,7 @@ class Gateway:
                 task.deliveryMethod == "async",
                 origin=peer,
                 fingerprint=fingerprint,
+                admit=admit,
             )
         except TaskError as error:
             if storing is not None:
@@ -207,6 +211,9 @@ class Gateway:
         pending = _Pending(record, task, peer, accepted=received)
         if needs_io:
             self.spawn(self._run_upscale(pending))
+            return record
+        if admit is not None and record.admitted:  # queued already: the dispatcher owns it
+            self._track(pending, admit.image, admit.request.request_id)
             return record
         # The common case: no I/O but the image store's, admitted here and now.
         try:
@@ -278,27 +285,45 @@ class Gateway:
             return
         await self._admit(pending, stored)
 
-    async def _admit(self, pending: _Pending, stored: StoredImage) -> None:
-        """Submit to the engine. From then on the dispatcher owns the task
-        (:meth:`_complete`): no coroutine waits per running task."""
-        pending.input_uuid = stored.image_uuid
-        task = pending.task
+    def _admission(self, task: Upscale) -> Admission | None:
+        """For a remote engine, a task with an inline input: its request and its image,
+        for the state to register, store and queue in one step. None otherwise, and for
+        an input that does not decode (the usual path says why)."""
+        if not self.engine.remote or is_uuid(task.image):
+            return None
+        try:
+            image = self.inputs.prepare_inline(task.image, task.image_field)
+        except TaskError:
+            return None
+        return Admission(self._request(task, image), image)
+
+    def _request(self, task: Upscale, stored: StoredImage) -> UpscaleRequest:
+        """The engine request of a task whose input is ``stored``."""
         # taskUUIDs are unique (the state refuses a known one), so they name requests.
-        request_id = task.taskUUID
         seed = task.settings.seed if task.settings.seed is not None else random.randrange(2**32)
         remote = {}
         if self.engine.remote:  # the request runs, and is completed, elsewhere
             context = task_context(task, seed, stored.image_uuid, self.config.base_url)
             remote = {"image_uuid": stored.image_uuid, "context": context}
-        request = engine_request(request_id, task, stored.data, seed, **remote)
-        # Registered before submit(): an engine may answer before submit() returns.
+        return engine_request(task.taskUUID, task, stored.data, seed, **remote)
+
+    def _track(self, pending: _Pending, stored: StoredImage, request_id: str) -> None:
+        """From here the dispatcher owns the task (:meth:`_complete`): no coroutine
+        waits per running task."""
+        pending.input_uuid = stored.image_uuid
         self._pending[request_id] = pending
         pending.submitted = time.monotonic()
+
+    async def _admit(self, pending: _Pending, stored: StoredImage) -> None:
+        """Submit to the engine."""
+        request = self._request(pending.task, stored)
+        # Tracked before submit(): an engine may answer before submit() returns.
+        self._track(pending, stored, request.request_id)
         try:
             self.engine.submit(request)
         except Exception as exc:
             # Not admitted (submit() never consumes the id on failure): end it here.
-            del self._pending[request_id]
+            del self._pending[request.request_id]
             await self._end(pending, _admission_error(exc))
 
     async def _complete(self, pending: _Pending, output: UpscaleResult | EngineError) -> None:

@@ -15,7 +15,7 @@ from engine import codecs
 
 from .errors import TaskError
 from .http import Outbound, OutboundError
-from .images import ImageStore, StoredImage
+from .images import ImageStore, StoredImage, new_uuid
 
 __all__ = ["Inputs", "is_url", "is_uuid"]
 
@@ -47,6 +47,13 @@ class Inputs:
             return stored
         data, media_type = decode_inline(value, field, self.max_bytes)
         return await self.store_new(data, media_type)
+
+    def prepare_inline(self, value: str, field: str) -> StoredImage:
+        """An inline input decoded, with the UUID and expiry it will be stored under
+        (by the caller: see ``GatewayState.register``'s ``admit``)."""
+        data, media_type = decode_inline(value, field, self.max_bytes)
+        media_type = media_type or codecs.sniff_media_type(data) or "application/octet-stream"
+        return StoredImage(new_uuid(), data, media_type, self.store.clock() + self.ttl)
 
     async def store_new(self, data: bytes, media_type: str | None = None) -> StoredImage:
         """Store an input; ``media_type`` is what its bytes were sniffed as, if that was done."""

@@ -59,6 +59,8 @@ class TaskRecord:
     fingerprint: bytes | None = None
     # Callbacks for when it finishes (GatewayState.watch); emptied when the task finishes.
     watchers: list[Callable] | None = None
+    # Queued with its registration (GatewayState.register's ``admit``).
+    admitted: bool = False
 
     @property
     def finished(self) -> bool:

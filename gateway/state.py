@@ -18,13 +18,26 @@ from __future__ import annotations
 
 import abc
 from collections.abc import Callable
+from typing import NamedTuple
+
+from engine.api import UpscaleRequest
 
 from .errors import TaskError
+from .images import StoredImage
 from .peer import Peer
 from .protocol import data_frame, error_frame
 from .session import Session, SessionStore, TaskRecord
 
-__all__ = ["GatewayState", "LocalState", "Peer"]
+__all__ = ["Admission", "GatewayState", "LocalState", "Peer"]
+
+
+class Admission(NamedTuple):
+    """An upscale's engine request and its input image, not stored yet: a state whose
+    engine shares its store (a cluster's) registers the task, stores the image and
+    queues the request in one step (:meth:`GatewayState.register`)."""
+
+    request: UpscaleRequest
+    image: StoredImage
 
 
 class GatewayState(abc.ABC):
@@ -88,9 +101,12 @@ class GatewayState(abc.ABC):
         deliver_async: bool,
         origin: Peer | None = None,
         fingerprint: bytes | None = None,
+        admit: Admission | None = None,
     ) -> TaskRecord:
         """A new task (``origin``: the peer that sent it; ``fingerprint``: a digest of its
-        content, for REST retries); raises ``conflictTaskUUID`` if ``task_uuid`` is known."""
+        content, for REST retries); raises ``conflictTaskUUID`` if ``task_uuid`` is known.
+        With ``admit``, a state that can also stores the image and queues the request in
+        the same step, and sets the record's ``admitted``; others ignore it."""
 
     @abc.abstractmethod
     async def forget(self, record: TaskRecord) -> None:
@@ -183,6 +199,7 @@ class LocalState(GatewayState):
         deliver_async: bool,
         origin: Peer | None = None,
         fingerprint: bytes | None = None,
+        admit: Admission | None = None,
     ) -> TaskRecord:
         record = self.sessions.register(api_key, session, task_uuid, task_type, deliver_async)
         record.fingerprint = fingerprint

@@ -174,6 +174,16 @@ def test_progress_is_reported_in_order(core):
     assert collector.progress["p"] == [1, 2, 3, 4]
 
 
+def test_a_request_can_ask_only_for_the_end_of_its_denoising(core):
+    """``want_denoised`` (a cluster worker's capacity signal): one Progress, at the last
+    step, and none at all for a request that asks for nothing."""
+    requests = [request("d", make_png(64, 64), steps=4, want_denoised=True), request("n", make_png(64, 64), steps=3)]
+    results, collector = run(core, requests)
+    assert all(isinstance(r, UpscaleResult) for r in results.values())
+    assert collector.progress["d"] == [4]
+    assert "n" not in collector.progress
+
+
 def test_cancelled_request_frees_its_rows(core):
     long = request("long", make_png(64, 64), steps=60)
     short = request("short", make_png(64, 64, seed=2), steps=3)

@@ -11,6 +11,7 @@ key                    type     what
                                 result or error, its context, deliveries (``runs``), entry
 ``lu:sess:{sid}``      hash     a session: owner key hash, owning gateway, last frame handed out
 ``lu:out:{sid}``       stream   a session's frames in order (the outbox; resumes replay it)
+``lu:deliver:{id}``    list     notices of frames for gateway ``id`` to send (it blocks on it)
 ``lu:hooks``           stream   webhooks to post; consumer group ``gateways``
 ``lu:img:{uuid}``      hash     an image: media type and bytes, with its TTL
 ``lu:img-expiry``      zset     images in S3 (``--image-store s3://…``): UUID scored by expiry
@@ -20,8 +21,8 @@ key                    type     what
 =====================  =======  ===========================================================
 
 Channels (pub/sub, hints only: every reader also sweeps on a timer):
-``lu:gw:{id}`` tells gateway ``id`` that a session's outbox grew (``o SID``) or that a
-task it submitted is done (``d UUID``); ``lu:work`` tells idle workers there is work.
+``lu:gw:{id}`` tells gateway ``id`` that a task it submitted is done (``d UUID``);
+``lu:work`` tells workers there is work.
 """
 
 from __future__ import annotations
@@ -53,6 +54,10 @@ def session(session_id: str) -> str:
 
 def outbox(session_id: str) -> str:
     return f"{PREFIX}out:{{{session_id}}}"
+
+
+def deliver(gateway_id: str) -> str:
+    return f"{PREFIX}deliver:{{{gateway_id}}}"
 
 
 def image(image_uuid: str) -> str:

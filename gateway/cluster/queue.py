@@ -63,8 +63,10 @@ class RedisEngineClient(QueuedOutputs):
         self.max_queued = max_queued  # 0: no global bound
         self.unavailable_after = unavailable_after
         self.max_deliveries = max_deliveries
+        self.images_in_redis = images_in_redis
         self.image_prefix = keys.image("")[:-1] if images_in_redis else ""
         state.on_task_done = self._done
+        state.queue = self  # it may enqueue in the same round trip as it registers (see admitted)
         self._buffer: list[UpscaleRequest] = []
         self._submitted = asyncio.Event()
         self._waiting: dict[str, float] = {}  # request id → when it was submitted
@@ -87,6 +89,24 @@ class RedisEngineClient(QueuedOutputs):
         self._buffer.append(request)
         self._submitted.set()
 
+    def admitted(self, request: UpscaleRequest, answer: object) -> None:
+        """``request`` was enqueued by the state with its registration (one round trip:
+        :meth:`queue_enqueue` in its pipeline); ``answer`` is its ``ENQUEUE``'s. From
+        here it is the same as a submitted request."""
+        self._waiting[request.request_id] = time.monotonic()
+        self._enqueued(request, answer)
+
+    def queue_enqueue(self, pipe, request: UpscaleRequest, nonce: str = "") -> None:
+        """Queue ``request``'s ``ENQUEUE`` on ``pipe``; with a ``nonce``, only if the
+        ``REGISTER`` before it in the same pipeline (with that nonce) created its record."""
+        shape = shape_name(request.image)
+        rows = 2 if request.cfg_scale > 1 else 1
+        args = [self.max_queued, shape, request.request_id, rows, request.context, keys.queue("")[:-1], "}"]
+        args += [self.max_deliveries, self.image_prefix, keys.inbox("")[:-1]]
+        args += [keys.alive("worker", ""), keys.WORK_CHANNEL, keys.task("")[:-1], nonce]
+        task_keys = [keys.task(request.request_id), keys.SHAPES, keys.queue(shape), keys.IDLE]
+        self.link.queue(pipe, "ENQUEUE", task_keys, args)
+
     async def _enqueue_loop(self) -> None:
         """One flush at a time, so tasks reach the queues in the order they were
         submitted (and the last ones are those refused when the queue is full)."""
@@ -105,17 +125,10 @@ class RedisEngineClient(QueuedOutputs):
     async def _enqueue(self, batch: list[UpscaleRequest]) -> None:
         """A batch of submissions, in one pipeline of ``ENQUEUE`` calls (each hands its
         task to an idle worker, or hints the workers)."""
-        prefix = keys.queue("")[:-1]
         try:
             async with self.link.redis.pipeline(transaction=False) as pipe:
                 for request in batch:
-                    shape = shape_name(request.image)
-                    rows = 2 if request.cfg_scale > 1 else 1
-                    args = [self.max_queued, shape, request.request_id, rows, request.context, prefix, "}"]
-                    args += [self.max_deliveries, self.image_prefix, keys.inbox("")[:-1]]
-                    args += [keys.alive("worker", ""), keys.WORK_CHANNEL, keys.task("")[:-1]]
-                    task_keys = [keys.task(request.request_id), keys.SHAPES, keys.queue(shape), keys.IDLE]
-                    self.link.queue(pipe, "ENQUEUE", task_keys, args)
+                    self.queue_enqueue(pipe, request)
                 answers = await self.link.execute(pipe, raise_on_error=False)
         except ClusterUnavailable as exc:
             logger.warning("could not enqueue %d tasks: %s", len(batch), exc)
@@ -123,14 +136,18 @@ class RedisEngineClient(QueuedOutputs):
                 self._fail(request.request_id, ErrorCode.UNAVAILABLE, "the cluster's queue (Redis) is unreachable")
             return
         for request, answer in zip(batch, answers):
-            if isinstance(answer, Exception):
-                logger.error("enqueueing %s failed: %s", request.request_id, answer)
-                self._fail(request.request_id, ErrorCode.INTERNAL, "the task could not be queued")
-            elif answer == b"full":
-                message = f"the cluster's queue is full ({self.max_queued} tasks); try again shortly"
-                self._fail(request.request_id, ErrorCode.OVERLOADED, message)
-            elif answer == b"lost":
-                self._fail(request.request_id, ErrorCode.LOST, LOST)
+            self._enqueued(request, answer)
+
+    def _enqueued(self, request: UpscaleRequest, answer: object) -> None:
+        """What an ``ENQUEUE``'s answer means for the request."""
+        if isinstance(answer, Exception):
+            logger.error("enqueueing %s failed: %s", request.request_id, answer)
+            self._fail(request.request_id, ErrorCode.INTERNAL, "the task could not be queued")
+        elif answer == b"full":
+            message = f"the cluster's queue is full ({self.max_queued} tasks); try again shortly"
+            self._fail(request.request_id, ErrorCode.OVERLOADED, message)
+        elif answer == b"lost":
+            self._fail(request.request_id, ErrorCode.LOST, LOST)
 
     def _fail(self, request_id: str, code: ErrorCode, message: str) -> None:
         if self._waiting.pop(request_id, None) is not None:

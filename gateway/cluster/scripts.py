@@ -22,9 +22,11 @@ a retried call after a failover).
   :data:`ORPHANS` takes over the entries of workers whose liveness key has expired.
 - :data:`FINISH` — exactly once: only the first terminal outcome of a task wins; it is
   recorded, its entry acknowledged and deleted, its frame appended to its session's
-  outbox (the owning gateway is told), its webhook queued, its gateway told.
+  outbox and handed to the owning gateway (its delivery list), its webhook queued, its
+  gateway told.
 - :data:`PROGRESS`, :data:`OPEN`, :data:`TAKE`, :data:`DETACH`, :data:`KEEP` — progress
-  and the session's outbox: open or resume, hand out new frames once, let go.
+  and the session's outbox: open or resume, hand out frames no gateway took yet (once),
+  let go, give a frame back.
 - :data:`IMAGES_DUE` — images in S3 whose time is up, taken off the expiry index (each
   by one process, which deletes them).
 """
@@ -48,20 +50,42 @@ NAMES = (
     "IMAGES_DUE",
 )
 
+# Shared Lua: the notice of a frame in its owning gateway's delivery list (one string:
+# TAKE rebuilds it from the outbox entry, to take it back with LREM).
+_NOTICE = """
+local function notice(sid, id, is_error, origin, task_uuid, frame)
+  return sid .. '\\n' .. id .. '\\n' .. is_error .. '\\n' .. origin .. '\\n' .. task_uuid .. '\\n' .. frame
+end
+"""
+
 # Shared Lua: append a frame to session SID's outbox if the session still exists, keep
-# the outbox as long as the session, and hint its owning gateway.
-_APPEND = """
-local function append(sess_prefix, out_prefix, suffix, gw_prefix, sid, frame, is_error, origin, task_uuid, maxlen)
+# the outbox as long as the session, and hand the frame to its owning gateway: a notice
+# pushed on that gateway's delivery list, on which it blocks (BLMPOP). Popping is the
+# hand-over, atomic in Redis: a notice is delivered by the gateway that popped it, or
+# taken back by a TAKE (a resume elsewhere) before anyone did, never both. The entry
+# records to whom it went ('g'); not to ``not_to`` (a gateway giving a frame back).
+_APPEND = (
+    _NOTICE
+    + """
+local function append(sess_prefix, out_prefix, suffix, deliver_prefix, sid, frame, is_error, origin, task_uuid,
+                      maxlen, not_to)
   local sk = sess_prefix .. sid .. suffix
   local owner = redis.call('HGET', sk, 'owner')
   if owner == false then return end  -- expired: nobody can resume it (the record keeps the answer)
+  if owner == not_to then owner = '' end
   local ok = out_prefix .. sid .. suffix
-  redis.call('XADD', ok, 'MAXLEN', '~', maxlen, '*', 'f', frame, 'e', is_error, 'o', origin, 't', task_uuid)
+  local id = redis.call('XADD', ok, 'MAXLEN', '~', maxlen, '*', 'f', frame, 'e', is_error, 'o', origin,
+    't', task_uuid, 'g', owner)
   local ttl = redis.call('PTTL', sk)
   if ttl > 0 then redis.call('PEXPIRE', ok, ttl) end
-  if owner ~= '' then redis.call('PUBLISH', gw_prefix .. owner, 'o ' .. sid) end
+  if owner ~= '' then
+    local dk = deliver_prefix .. owner .. suffix
+    redis.call('RPUSH', dk, notice(sid, id, is_error, origin, task_uuid, frame))
+    if ttl > 0 then redis.call('PEXPIRE', dk, ttl) end
+  end
 end
 """
+)
 
 # Shared Lua: a worker begins a task (the START step, inlined where entries are taken).
 # The delivery is counted first, so a worker that dies on it has used one up. Returns
@@ -107,12 +131,13 @@ end
 """
 
 # KEYS: task. ARGV: key hash, session id, async (1/0), taskType, TTL ms, gateway id,
-# origin peer id, content fingerprint.
+# origin peer id, content fingerprint, admission nonce ('' for none: see ENQUEUE).
 REGISTER = """
 local known = redis.call('HMGET', KEYS[1], 'key', 'fp', 'status', 'async')
 if known[1] then return {1, known[1], known[2] or '', known[3] or '', known[4] or ''} end
 redis.call('HSET', KEYS[1], 'key', ARGV[1], 'sid', ARGV[2], 'async', ARGV[3], 'type', ARGV[4],
-  'status', 'processing', 'progress', '0', 'gw', ARGV[6], 'origin', ARGV[7], 'fp', ARGV[8], 'runs', '0')
+  'status', 'processing', 'progress', '0', 'gw', ARGV[6], 'origin', ARGV[7], 'fp', ARGV[8], 'runs', '0',
+  'adm', ARGV[9])
 redis.call('PEXPIRE', KEYS[1], ARGV[5])
 return {0}
 """
@@ -127,8 +152,11 @@ return 0
 # KEYS: task, shapes set, the shape's queue, idle workers (zset). ARGV: max queued (0:
 # no bound), shape, task uuid, rows, context, queue prefix, suffix, max deliveries,
 # image prefix ('' when images are not in Redis), inbox prefix, liveness key prefix,
-# work channel, task prefix.
-# Returns the entry id ('pushed:' before it when an idle worker took it), 'full' or 'lost'.
+# work channel, task prefix, admission nonce.
+# Returns the entry id ('pushed:' before it when an idle worker took it), 'full', 'lost'
+# or 'conflict'. With a nonce, the ENQUEUE rides in one pipeline with its REGISTER (one
+# round trip for the admission): it queues only if that very REGISTER created the
+# record (a conflicting taskUUID's record holds another nonce, or none).
 # An idle worker (one whose last PULL found nothing and holds nothing) takes the entry
 # here: read for it from its group (so it is pending under it, as if it had pulled it),
 # begun, and written with begin's answer to its inbox stream, on which it blocks. Idle
@@ -136,7 +164,9 @@ return 0
 ENQUEUE = (
     _BEGIN
     + """
-if redis.call('EXISTS', KEYS[1]) == 0 then return 'lost' end
+local nonce = redis.call('HGET', KEYS[1], 'adm')
+if nonce == false then return 'lost' end
+if ARGV[14] ~= '' and nonce ~= ARGV[14] then return 'conflict' end
 local max = tonumber(ARGV[1])
 if max > 0 then
   local total = 0
@@ -301,7 +331,7 @@ return out
 # KEYS: task, webhook stream. ARGV: status (success|error), result JSON, frame ('' for
 # none), frame is an error (1/0), webhook URL ('' for none), webhook body, record TTL ms,
 # outbox max length, session prefix, outbox prefix, queue prefix, suffix, gateway
-# channel prefix, task uuid.
+# channel prefix, task uuid, delivery list prefix.
 # Returns 1 (this outcome won), 0 (the task had finished already), -1 (no record).
 FINISH = (
     _APPEND
@@ -321,7 +351,7 @@ if f[4] and f[5] then
   redis.call('XDEL', q, f[4])
 end
 if ARGV[3] ~= '' and f[2] then
-  append(ARGV[9], ARGV[10], ARGV[12], ARGV[13], f[2], ARGV[3], ARGV[4], f[6] or '', ARGV[14], ARGV[8])
+  append(ARGV[9], ARGV[10], ARGV[12], ARGV[15], f[2], ARGV[3], ARGV[4], f[6] or '', ARGV[14], ARGV[8], '')
 end
 if ARGV[5] ~= '' then redis.call('XADD', KEYS[2], '*', 'u', ARGV[5], 'b', ARGV[6], 't', ARGV[14]) end
 if f[3] then redis.call('PUBLISH', ARGV[13] .. f[3], 'd ' .. ARGV[14]) end
@@ -330,7 +360,7 @@ return 1
 )
 
 # KEYS: task. ARGV: percent, frame ('' if not live), outbox max length, session prefix,
-# outbox prefix, suffix, gateway channel prefix, task uuid.
+# outbox prefix, suffix, delivery list prefix, task uuid.
 PROGRESS = (
     _APPEND
     + """
@@ -338,7 +368,7 @@ local f = redis.call('HMGET', KEYS[1], 'status', 'sid')
 if f[1] ~= 'processing' then return 0 end
 redis.call('HSET', KEYS[1], 'progress', ARGV[1])
 if ARGV[2] ~= '' and f[2] then
-  append(ARGV[4], ARGV[5], ARGV[6], ARGV[7], f[2], ARGV[2], '0', '', ARGV[8], ARGV[3])
+  append(ARGV[4], ARGV[5], ARGV[6], ARGV[7], f[2], ARGV[2], '0', '', ARGV[8], ARGV[3], '')
 end
 return 1
 """
@@ -360,17 +390,43 @@ if redis.call('EXISTS', KEYS[2]) == 1 then redis.call('PEXPIRE', KEYS[2], ARGV[3
 return 1
 """
 
-# KEYS: session, outbox. ARGV: gateway id, count.
-# Returns {1, entries} and moves the session's cursor past them, so each frame is
-# handed out once; {0} if another gateway owns the session; {-1} if it is gone.
-TAKE = """
+# KEYS: session, outbox. ARGV: gateway id, count, delivery list prefix, suffix, session id.
+# Returns {1, entries} and moves the session's cursor past what it looked at, so each
+# frame is handed out once; {0} if another gateway owns the session; {-1} if it is gone.
+# Of the frames handed to a gateway (see _APPEND): one whose notice was popped already
+# is not returned (that gateway delivers it); one whose notice still waits on another
+# gateway's list is taken back and returned; one still waiting on this gateway's own
+# list stops the take there (its delivery loop sends it, in order).
+TAKE = (
+    _NOTICE
+    + """
 local s = redis.call('HMGET', KEYS[1], 'owner', 'last')
 if not s[1] then return {-1} end
 if s[1] ~= ARGV[1] then return {0} end
 local entries = redis.call('XRANGE', KEYS[2], '(' .. (s[2] or '0-0'), '+', 'COUNT', ARGV[2])
-if #entries > 0 then redis.call('HSET', KEYS[1], 'last', entries[#entries][1]) end
-return {1, entries}
+local out = {}
+local last = nil
+for _, entry in ipairs(entries) do
+  local f = {}
+  for j = 1, #entry[2], 2 do f[entry[2][j]] = entry[2][j + 1] end
+  local to = f['g'] or ''
+  if to == '' then
+    table.insert(out, entry)
+  else
+    local waiting = notice(ARGV[5], entry[1], f['e'] or '0', f['o'] or '', f['t'] or '', f['f'] or '')
+    local list = ARGV[3] .. to .. ARGV[4]
+    if to == ARGV[1] then
+      if redis.call('LPOS', list, waiting) then break end
+    elseif redis.call('LREM', list, 1, waiting) == 1 then
+      table.insert(out, entry)
+    end
+  end
+  last = entry[1]
+end
+if last then redis.call('HSET', KEYS[1], 'last', last) end
+return {1, out}
 """
+)
 
 # KEYS: session, outbox. ARGV: gateway id, TTL ms.
 DETACH = """
@@ -381,12 +437,13 @@ if redis.call('EXISTS', KEYS[2]) == 1 then redis.call('PEXPIRE', KEYS[2], ARGV[2
 return 1
 """
 
-# KEYS: (none). ARGV: session prefix, outbox prefix, suffix, gateway channel prefix,
-# session id, frame, is error, origin, task uuid, outbox max length.
+# KEYS: (none). ARGV: session prefix, outbox prefix, suffix, delivery list prefix,
+# session id, frame, is error, origin, task uuid, outbox max length, the gateway giving
+# the frame back (not handed to it again: the next TAKE or resume gets it).
 KEEP = (
     _APPEND
     + """
-append(ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6], ARGV[7], ARGV[8], ARGV[9], ARGV[10])
+append(ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6], ARGV[7], ARGV[8], ARGV[9], ARGV[10], ARGV[11])
 return 1
 """
 )

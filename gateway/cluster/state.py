@@ -6,11 +6,14 @@ Any gateway can resume any session and any process can finish any task:
   the first terminal outcome of a task wins, whichever worker or gateway sends it (a
   stalled worker's late result is dropped: fenced on the result, not the ack).
 - A session is a hash (owner key hash, owning gateway, cursor) and an *outbox* stream
-  of its frames. Finishing a sync task appends its frame and hints the owning gateway
-  (pub/sub); that gateway hands the session's new frames to its socket with ``TAKE``,
-  which moves the cursor in the same step, so each frame goes out once. Resuming on
-  another gateway makes it the owner and replays what lies past the cursor. A sweep
-  every second covers lost hints, and keeps the TTLs of attached sessions fresh.
+  of its frames. Finishing a sync task appends its frame and pushes a notice of it (the
+  frame itself) on the owning gateway's delivery list, on which that gateway blocks:
+  popping it is the hand-over, and the gateway sends the frame to its socket at once.
+  Resuming on another gateway makes it the owner and replays what lies past the
+  session's cursor with ``TAKE``, which skips the frames whose notices were popped
+  already and takes back those still waiting, so each frame goes out once. A sweep
+  every second takes what no notice carried (a frame given back, Redis restarted), and
+  keeps the TTLs of attached sessions fresh.
 - When Redis cannot be reached, or lost a task's record (restarted empty), a gateway
   answers its own peers' tasks itself, and remembers them so a late duplicate from
   the outbox is dropped.
@@ -29,11 +32,11 @@ from collections.abc import Callable
 import orjson
 
 from ..errors import TaskError
-from ..images import StoredImage
+from ..images import StoredImage, new_uuid
 from ..inputs import is_uuid
 from ..protocol import data_frame, error_frame
 from ..session import Session, TaskRecord
-from ..state import GatewayState, Peer, progress_item, without_payload
+from ..state import Admission, GatewayState, Peer, progress_item, without_payload
 from . import keys
 from .images import put_image
 from .link import ClusterUnavailable, RedisLink, guarded
@@ -85,8 +88,10 @@ class RedisState(GatewayState):
         self._watched: dict[str, list[tuple[TaskRecord, Callable[[TaskRecord, bytes | None], None]]]] = {}
         self._progress: dict[str, tuple[str, str, bytes]] = {}  # task → (key, percent, frame)
         self._flushing = False
+        self.queue = None  # the gateway's RedisEngineClient: it enqueues with registrations
         self._jobs: set[asyncio.Task] = set()
         self._sweeper: asyncio.Task | None = None
+        self._deliverer: asyncio.Task | None = None
         if serves_sessions:
             link.subscribe(keys.gateway_channel(member_id), self._on_message)
             link.on_reconnect(lambda: self._spawn(self._reattach()))
@@ -96,13 +101,15 @@ class RedisState(GatewayState):
     async def start(self) -> None:
         if self.serves_sessions:
             self._sweeper = asyncio.create_task(self._sweep(), name="outbox-sweep")
+            self._deliverer = asyncio.create_task(self._deliver_loop(), name="outbox-deliver")
 
     async def close(self) -> None:
-        if self._sweeper is not None:
-            self._sweeper.cancel()
+        loops = [loop for loop in (self._sweeper, self._deliverer) if loop is not None]
+        for loop in loops:
+            loop.cancel()
         for job in list(self._jobs):
             job.cancel()
-        await asyncio.gather(*self._jobs, *([self._sweeper] if self._sweeper else []), return_exceptions=True)
+        await asyncio.gather(*self._jobs, *loops, return_exceptions=True)
 
     @property
     def ready(self) -> bool:
@@ -170,11 +177,11 @@ class RedisState(GatewayState):
 
     def keep(self, session: Session, frame: bytes) -> None:
         """A frame its socket could not send goes back to the end of its outbox."""
-        self._spawn(self._keep(session.session_id, frame))
-
-    async def _keep(self, session_id: str, frame: bytes) -> None:
         is_error = b"1" if frame.startswith(b'{"errors"') else b"0"
-        args = [*self._prefixes(), session_id, frame, is_error, "", "", MAX_REPLAY]
+        self._spawn(self._keep(session.session_id, frame, is_error))
+
+    async def _keep(self, session_id: str, frame: bytes, is_error: bytes, origin: str = "", task: str = "") -> None:
+        args = [*self._prefixes(), session_id, frame, is_error, origin, task, MAX_REPLAY, self.member_id]
         try:
             await self.link.script("KEEP", [], args)
         except ClusterUnavailable as exc:
@@ -209,7 +216,14 @@ class RedisState(GatewayState):
         deliver_async: bool,
         origin: Peer | None = None,
         fingerprint: bytes | None = None,
+        admit: Admission | None = None,
     ) -> TaskRecord:
+        """With ``admit`` (and images in Redis), one round trip: the input image, the
+        ``REGISTER`` and the ``ENQUEUE``, which queues only if that ``REGISTER`` created
+        the record (a nonce tells)."""
+        if admit is not None and (self.queue is None or not self.queue.images_in_redis):
+            admit = None
+        nonce = new_uuid() if admit is not None else ""
         args = [
             keys.key_hash(api_key),
             session.session_id,
@@ -219,9 +233,13 @@ class RedisState(GatewayState):
             self.member_id,
             self._peer_id(origin) if origin is not None else "",
             fingerprint.hex() if fingerprint else "",
+            nonce,
         ]
         try:
-            known = await self.link.script("REGISTER", [keys.task(task_uuid)], args)
+            if admit is None:
+                known = await self.link.script("REGISTER", [keys.task(task_uuid)], args)
+            else:
+                known, enqueued = await self._admit(task_uuid, args, admit, nonce)
         except ClusterUnavailable as exc:
             raise unavailable() from exc
         if known[0] == 1:
@@ -235,7 +253,22 @@ class RedisState(GatewayState):
         self._registered.add(task_uuid)
         record = TaskRecord(task_uuid, task_type, api_key, session, deliver_async)
         record.fingerprint = fingerprint
+        if admit is not None:
+            self.queue.admitted(admit.request, enqueued)
+            record.admitted = True
         return record
+
+    async def _admit(self, task_uuid: str, args: list, admit: Admission, nonce: str) -> tuple[list, object]:
+        """The admission's pipeline: REGISTER's and ENQUEUE's answers."""
+        async with self.link.redis.pipeline(transaction=False) as pipe:
+            put_image(pipe, admit.image)
+            self.link.queue(pipe, "REGISTER", [keys.task(task_uuid)], args)
+            self.queue.queue_enqueue(pipe, admit.request, nonce)
+            answers = await self.link.execute(pipe, raise_on_error=False)
+        for answer in answers[:3]:  # the image and the record: without them nothing was queued
+            if isinstance(answer, Exception):
+                raise ClusterUnavailable(f"Redis: {type(answer).__name__}: {answer}")
+        return answers[-2], answers[-1]
 
     async def forget(self, record: TaskRecord) -> None:
         await self._script("FORGET", [keys.task(record.task_uuid)], [])
@@ -295,7 +328,7 @@ class RedisState(GatewayState):
         frame = b"" if record.deliver_async else data_frame(item) if error is None else error_frame(error)
         result = orjson.dumps(without_payload(item) if error is None else error.to_wire())
         hook = orjson.dumps(item if error is None else error.to_wire()) if webhook else b""
-        sess, out, suffix, channel = self._prefixes()
+        sess, out, suffix, deliver = self._prefixes()
         args = [
             "success" if error is None else "error",
             result,
@@ -309,8 +342,9 @@ class RedisState(GatewayState):
             out,
             keys.queue("")[:-1],
             suffix,
-            channel,
+            keys.gateway_channel(""),
             record.task_uuid,
+            deliver,
         ]
         try:
             won = await self._finish(record, args, image)
@@ -360,11 +394,11 @@ class RedisState(GatewayState):
         """Progress of every task that moved since the last flush, in one round trip."""
         await asyncio.sleep(0)  # let the outputs of this loop turn gather
         updates, self._progress, self._flushing = self._progress, {}, False
-        sess, out, suffix, channel = self._prefixes()
+        sess, out, suffix, deliver = self._prefixes()
         try:
             async with self.link.redis.pipeline(transaction=False) as pipe:
                 for task_uuid, (key, percent, frame) in updates.items():
-                    args = [percent, frame, MAX_REPLAY, sess, out, suffix, channel, task_uuid]
+                    args = [percent, frame, MAX_REPLAY, sess, out, suffix, deliver, task_uuid]
                     self.link.queue(pipe, "PROGRESS", [key], args)
                 await self.link.execute(pipe)
         except ClusterUnavailable as exc:
@@ -397,11 +431,40 @@ class RedisState(GatewayState):
 
     # Delivery to this gateway's sockets
 
+    async def _deliver_loop(self) -> None:
+        """Pop the notices of frames handed to this gateway (see ``_APPEND``) and send
+        each to its session's socket."""
+        key = keys.deliver(self.member_id)
+        while True:
+            try:
+                got = await guarded(self.link.redis.execute_command("BLMPOP", 1, 1, key, "LEFT", "COUNT", 256))
+            except ClusterUnavailable as exc:
+                logger.debug("delivery list not read: %s", exc)
+                await asyncio.sleep(0.5)
+                continue
+            for notice in got[1] if got else ():
+                try:
+                    self._deliver(notice)
+                except Exception:
+                    logger.exception("a frame could not be delivered")
+
+    def _deliver(self, notice: bytes) -> None:
+        sid, _, is_error, origin, task_uuid, frame = notice.split(b"\n", 5)
+        session_id, origin_id, task = sid.decode(), origin.decode(), task_uuid.decode()
+        if task in self._answered:
+            return  # answered here while Redis was away
+        peer = self._attached.get(session_id)
+        if peer is None:  # not (or no longer) here: back to its outbox, for its next owner
+            self._spawn(self._keep(session_id, frame, is_error, origin_id, task))
+            return
+        if is_error == b"1" and not peer.replays_errors and origin_id != self._peer_id(peer):
+            return  # see Peer.replays_errors: the record keeps it for getResponse
+        if not peer.send(frame):
+            self.keep(Session(session_id, peer.api_key), frame)
+
     def _on_message(self, data: bytes) -> None:
         kind, _, name = data.decode().partition(" ")
-        if kind == "o":
-            self._drain_soon(name)
-        elif kind == "d":
+        if kind == "d":
             if self.on_task_done is not None:
                 self.on_task_done(name)
             if name in self._watched:
@@ -439,9 +502,8 @@ class RedisState(GatewayState):
 
     async def _take(self, session_id: str) -> list[tuple[bytes, bool, str]]:
         """The session's frames past its cursor, each once, if this gateway owns it."""
-        got = await self._script(
-            "TAKE", [keys.session(session_id), keys.outbox(session_id)], [self.member_id, TAKE_COUNT]
-        )
+        args = [self.member_id, TAKE_COUNT, keys.deliver("")[:-1], "}", session_id]
+        got = await self._script("TAKE", [keys.session(session_id), keys.outbox(session_id)], args)
         if got[0] == -1 and session_id in self._attached:  # Redis lost it: its socket is still here
             await self._put_back(session_id, self._attached[session_id])
             return []
@@ -457,7 +519,8 @@ class RedisState(GatewayState):
         return frames
 
     async def _sweep(self) -> None:
-        """Every second: drain every attached session (hints can be lost), and keep the
+        """Every second: drain every attached session (what no notice carried: frames
+        given back, or appended while Redis was away from this gateway), and keep the
         TTLs of attached sessions and their outboxes fresh."""
         refresh_every = max(1.0, self.session_ttl / 4)
         since_refresh = 0.0
@@ -489,7 +552,7 @@ class RedisState(GatewayState):
     @staticmethod
     def _prefixes() -> tuple[str, str, str, str]:
         """Key prefixes the outbox scripts assemble names from (see keys.py)."""
-        return keys.session("")[:-1], keys.outbox("")[:-1], "}", keys.gateway_channel("")
+        return keys.session("")[:-1], keys.outbox("")[:-1], "}", keys.deliver("")[:-1]
 
 
 LOST = "the cluster lost this task's state (its Redis restarted empty); send it again"

@@ -356,8 +356,8 @@ class Worker:
         if self.metrics is not None:
             self.metrics.cluster_wait.observe(max(0.0, held.began - held.queued_at))
         held.submitted = time.monotonic()
-        # Progress tells this worker when a request leaves the UNet (its rows are free).
-        self.engine.submit(dataclasses.replace(request, want_progress=True))
+        # Its last step's Progress tells this worker when it leaves the UNet (rows free up).
+        self.engine.submit(dataclasses.replace(request, want_denoised=True))
 
     async def _read_input(self, held: _Held) -> StoredImage | None:
         """The task's input from S3; None when the task was ended instead (the store
