@@ -216,6 +216,8 @@ class Gateway:
             self._track(pending, admit.image, admit.request.request_id)
             return record
         # The common case: no I/O but the image store's, admitted here and now.
+        if admit is not None:  # the state could not take it (images in S3): decoded already
+            storing = self.inputs.store_new(admit.image.data, admit.image.media_type)
         try:
             stored = await (storing or self.inputs.resolve_local(task.image, task.image_field))
         except Exception as exc:

@@ -52,13 +52,11 @@ class Inputs:
         """An inline input decoded, with the UUID and expiry it will be stored under
         (by the caller: see ``GatewayState.register``'s ``admit``)."""
         data, media_type = decode_inline(value, field, self.max_bytes)
-        media_type = media_type or codecs.sniff_media_type(data) or "application/octet-stream"
-        return StoredImage(new_uuid(), data, media_type, self.store.clock() + self.ttl)
+        return StoredImage(new_uuid(), data, _media_type(data, media_type), self.store.clock() + self.ttl)
 
     async def store_new(self, data: bytes, media_type: str | None = None) -> StoredImage:
         """Store an input; ``media_type`` is what its bytes were sniffed as, if that was done."""
-        media_type = media_type or codecs.sniff_media_type(data) or "application/octet-stream"
-        return await self.store.put(data, media_type, self.ttl)
+        return await self.store.put(data, _media_type(data, media_type), self.ttl)
 
     async def _fetch(self, url: str, field: str) -> bytes:
         try:
@@ -67,6 +65,12 @@ class Inputs:
             message = f"could not use the image URL: {exc}"
             raise TaskError("invalidInputImage", message, parameter=field, type="string") from exc
         return data
+
+
+def _media_type(data: bytes, sniffed: str | None) -> str:
+    """What an input is stored as: what its bytes were sniffed as, sniffing them if that
+    was not done."""
+    return sniffed or codecs.sniff_media_type(data) or "application/octet-stream"
 
 
 def is_url(value: str) -> bool:

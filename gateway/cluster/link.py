@@ -32,7 +32,7 @@ from redis.exceptions import NoScriptError, RedisError
 
 from . import scripts
 
-__all__ = ["ClusterUnavailable", "RedisLink", "guarded"]
+__all__ = ["ClusterUnavailable", "RedisLink", "failure", "guarded"]
 
 logger = logging.getLogger(__name__)
 
@@ -44,12 +44,17 @@ class ClusterUnavailable(Exception):
     """Redis could not be reached (or answered with an error) for a cluster step."""
 
 
+def failure(error: BaseException) -> ClusterUnavailable:
+    """A Redis failure (raised, or an answer in a pipeline) as :class:`ClusterUnavailable`."""
+    return ClusterUnavailable(f"Redis: {type(error).__name__}: {error}")
+
+
 async def guarded(call: Awaitable):
     """Await a Redis call; any Redis failure becomes :class:`ClusterUnavailable`."""
     try:
         return await call
     except (RedisError, OSError) as exc:
-        raise ClusterUnavailable(f"Redis: {type(exc).__name__}: {exc}") from exc
+        raise failure(exc) from exc
 
 
 class RedisLink:
@@ -134,7 +139,7 @@ class RedisLink:
         if raise_on_error:
             for answer in answers:
                 if isinstance(answer, Exception):
-                    raise ClusterUnavailable(f"Redis: {type(answer).__name__}: {answer}") from answer
+                    raise failure(answer) from answer
         return answers
 
     # Health

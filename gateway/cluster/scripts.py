@@ -130,6 +130,25 @@ local function waiting_since(queue_key)
 end
 """
 
+# Shared Lua: read the oldest entry of a queue not yet delivered, for a consumer (it is
+# then pending under it), and begin its task (see _BEGIN). Returns {entry id, task uuid,
+# rows, begin's answer}, or nil when no entry waits.
+_TAKE_ONE = (
+    _BEGIN
+    + """
+local function take_one(queue_key, consumer, task_prefix, suffix, max_deliveries, image_prefix)
+  local r = redis.pcall('XREADGROUP', 'GROUP', 'workers', consumer, 'COUNT', 1, 'STREAMS', queue_key, '>')
+  if type(r) ~= 'table' or not r[1] or not r[1][2][1] then return nil end
+  local entry = r[1][2][1]
+  local fields = {}
+  for j = 1, #entry[2], 2 do fields[entry[2][j]] = entry[2][j + 1] end
+  local task_uuid = fields['t'] or ''
+  local began = begin(task_prefix .. task_uuid .. suffix, max_deliveries, consumer, image_prefix, suffix)
+  return {entry[1], task_uuid, fields['r'] or '1', began}
+end
+"""
+)
+
 # KEYS: task. ARGV: key hash, session id, async (1/0), taskType, TTL ms, gateway id,
 # origin peer id, content fingerprint, admission nonce ('' for none: see ENQUEUE).
 REGISTER = """
@@ -162,7 +181,7 @@ return 0
 # begun, and written with begin's answer to its inbox stream, on which it blocks. Idle
 # workers whose liveness key has expired are dropped on the way.
 ENQUEUE = (
-    _BEGIN
+    _TAKE_ONE
     + """
 local nonce = redis.call('HGET', KEYS[1], 'adm')
 if nonce == false then return 'lost' end
@@ -185,15 +204,11 @@ while true do
   if not idle[1] then break end
   local worker = idle[1]
   if redis.call('EXISTS', ARGV[11] .. worker) == 1 then
-    local r = redis.call('XREADGROUP', 'GROUP', 'workers', worker, 'COUNT', 1, 'STREAMS', KEYS[3], '>')
-    local entry = r and r[1] and r[1][2][1]
-    if not entry then break end
-    local fields = {}
-    for j = 1, #entry[2], 2 do fields[entry[2][j]] = entry[2][j + 1] end
-    local task_uuid = fields['t'] or ''
-    local b = begin(ARGV[13] .. task_uuid .. ARGV[7], ARGV[8], worker, ARGV[9], ARGV[7])
-    redis.call('XADD', ARGV[10] .. worker .. ARGV[7], 'MAXLEN', '~', 256, '*', 's', ARGV[2], 'e', entry[1],
-      't', task_uuid, 'r', fields['r'] or '1', 'v', b[1], 'c', b[2] or '', 'i', b[3] or '', 'a', b[4] or '0',
+    local t = take_one(KEYS[3], worker, ARGV[13], ARGV[7], ARGV[8], ARGV[9])
+    if not t then break end
+    local b = t[4]
+    redis.call('XADD', ARGV[10] .. worker .. ARGV[7], 'MAXLEN', '~', 256, '*', 's', ARGV[2], 'e', t[1],
+      't', t[2], 'r', t[3], 'v', b[1], 'c', b[2] or '', 'i', b[3] or '', 'a', b[4] or '0',
       'y', b[5] or '', 'n', b[6] or '0', 'm', b[7] or '', 'd', b[8] or '')
     return 'pushed:' .. id
   end
@@ -216,7 +231,7 @@ return id
 # has nothing unread in its inbox is registered idle (ENQUEUE then pushes to it);
 # otherwise it is not.
 PULL = (
-    _BEGIN
+    _TAKE_ONE
     + _WAITING
     + """
 local out = {}
@@ -224,41 +239,43 @@ local held = {}
 local function read(shape, free)
   local taken = 0
   while taken < free do
-    local r = redis.pcall('XREADGROUP', 'GROUP', 'workers', ARGV[1], 'COUNT', 1, 'STREAMS',
-      ARGV[4] .. shape .. ARGV[5], '>')
-    if type(r) ~= 'table' or not r[1] or not r[1][2][1] then return end
-    local entry = r[1][2][1]
-    local fields = {}
-    for j = 1, #entry[2], 2 do fields[entry[2][j]] = entry[2][j + 1] end
-    local rows = tonumber(fields['r'] or '1')
-    taken = taken + rows
-    local task_uuid = fields['t'] or ''
-    local began = begin(ARGV[7] .. task_uuid .. ARGV[5], ARGV[6], ARGV[1], ARGV[8], ARGV[5])
-    table.insert(out, {shape, entry[1], task_uuid, tostring(rows), unpack(began)})
+    local t = take_one(ARGV[4] .. shape .. ARGV[5], ARGV[1], ARGV[7], ARGV[5], ARGV[6], ARGV[8])
+    if not t then return end
+    taken = taken + tonumber(t[3])
+    table.insert(out, {shape, t[1], t[2], t[3], unpack(t[4])})
   end
 end
 for i = 11, #ARGV, 2 do
   held[ARGV[i]] = true
   read(ARGV[i], tonumber(ARGV[i + 1]))
 end
-local want = tonumber(ARGV[2])
-if want > 0 then
-  local best, best_ms = nil, nil
-  for _, shape in ipairs(redis.call('SMEMBERS', KEYS[1])) do
-    if not held[shape] then
-      local ms = waiting_since(ARGV[4] .. shape .. ARGV[5])
-      if ms and (best_ms == nil or ms < best_ms) then best, best_ms = shape, ms end
+-- Each other shape's oldest waiting entry, looked at once: which new shape to take, and
+-- whether entries wait after this pull.
+local waiting = {}
+local best, best_ms = nil, nil
+for _, shape in ipairs(redis.call('SMEMBERS', KEYS[1])) do
+  if not held[shape] then
+    local ms = waiting_since(ARGV[4] .. shape .. ARGV[5])
+    if ms then
+      waiting[shape] = true
+      if best_ms == nil or ms < best_ms then best, best_ms = shape, ms end
     end
   end
-  if best ~= nil then
-    local now = redis.call('TIME')
-    local now_ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
-    if tonumber(ARGV[3]) == 0 or now_ms - best_ms >= tonumber(ARGV[3]) then read(best, want) end
+end
+if tonumber(ARGV[2]) > 0 and best ~= nil then
+  local now = redis.call('TIME')
+  local now_ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
+  if tonumber(ARGV[3]) == 0 or now_ms - best_ms >= tonumber(ARGV[3]) then
+    read(best, tonumber(ARGV[2]))
+    waiting[best] = waiting_since(ARGV[4] .. best .. ARGV[5]) ~= nil
   end
 end
 local more = 0
-for _, shape in ipairs(redis.call('SMEMBERS', KEYS[1])) do
-  if waiting_since(ARGV[4] .. shape .. ARGV[5]) then more = 1; break end
+for _, yes in pairs(waiting) do
+  if yes then more = 1 end
+end
+for i = 11, #ARGV, 2 do  -- the shapes it runs: entries may be left that did not fit
+  if more == 0 and waiting_since(ARGV[4] .. ARGV[i] .. ARGV[5]) then more = 1 end
 end
 local unread = redis.call('XRANGE', KEYS[3], '(' .. ARGV[10], '+', 'COUNT', 1)
 if ARGV[9] == '1' and #out == 0 and #unread == 0 then

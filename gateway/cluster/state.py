@@ -39,7 +39,7 @@ from ..session import Session, TaskRecord
 from ..state import Admission, GatewayState, Peer, progress_item, without_payload
 from . import keys
 from .images import put_image
-from .link import ClusterUnavailable, RedisLink, guarded
+from .link import ClusterUnavailable, RedisLink, failure, guarded
 
 __all__ = ["RedisState"]
 
@@ -265,9 +265,9 @@ class RedisState(GatewayState):
             self.link.queue(pipe, "REGISTER", [keys.task(task_uuid)], args)
             self.queue.queue_enqueue(pipe, admit.request, nonce)
             answers = await self.link.execute(pipe, raise_on_error=False)
-        for answer in answers[:3]:  # the image and the record: without them nothing was queued
+        for answer in answers[:-1]:  # the image and the record (ENQUEUE's answer: the queue's to judge)
             if isinstance(answer, Exception):
-                raise ClusterUnavailable(f"Redis: {type(answer).__name__}: {answer}")
+                raise failure(answer) from answer
         return answers[-2], answers[-1]
 
     async def forget(self, record: TaskRecord) -> None:

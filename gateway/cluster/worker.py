@@ -82,6 +82,11 @@ class _Held:
     began: float = 0.0  # time.time() when this worker began it
     submitted: float | None = None  # time.monotonic() when it reached the engine
 
+    @classmethod
+    def of(cls, shape: str, entry: bytes, fields: dict[bytes, bytes]) -> _Held:
+        """From a queue entry as redis-py reads or claims it."""
+        return cls(fields[b"t"].decode(), shape, int(fields.get(b"r", b"1")), entry.decode())
+
     @property
     def queued_at(self) -> float:
         """When it was queued (``time.time()``, on Redis's clock): its stream entry id."""
@@ -284,7 +289,7 @@ class Worker:
                 if not ids:
                     continue
                 entries = await guarded(self.link.redis.xclaim(queue, keys.WORKERS_GROUP, self.id, 0, ids))
-                taken = [_Held(f[b"t"].decode(), shape, int(f.get(b"r", b"1")), e.decode()) for e, f in entries if f]
+                taken = [_Held.of(shape, entry, fields) for entry, fields in entries if fields]
                 if taken:
                     logger.warning("taking back %d tasks of shape %s from this worker's previous run", len(taken), shape)
                     await self._take_over(taken)
@@ -540,7 +545,7 @@ class Worker:
                 continue
             cursors[shape] = cursor.decode() if isinstance(cursor, bytes) else cursor
             taken = [
-                _Held(fields[b"t"].decode(), shape, int(fields.get(b"r", b"1")), entry.decode())
+                _Held.of(shape, entry, fields)
                 for entry, fields in entries
                 if fields and fields[b"t"].decode() not in self.held
             ]
