@@ -169,9 +169,7 @@ async def test_a_dropped_socket_resumes_and_the_result_arrives_once(playground, 
 
 
 def _offline_noise(message: str) -> bool:
-    return message.startswith("WebSocket connection to") or message.endswith(
-        "net::ERR_INTERNET_DISCONNECTED"
-    )
+    return message.startswith("WebSocket connection to") or message.endswith("net::ERR_INTERNET_DISCONNECTED")
 
 
 async def test_a_wrong_key_gets_a_clear_message_and_nothing_else_is_sent(playground):
