@@ -136,15 +136,25 @@ class Role:
     def signal(self, sig: int) -> None:
         self.proc.send_signal(sig)
 
-    def stop(self) -> None:
+    def stop(self) -> bool:
+        """SIGTERM (after SIGCONT, should it be stopped); False if it had to be killed."""
+        self.terminate()
+        return self.wait_stopped()
+
+    def terminate(self) -> None:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGCONT)
             self.proc.terminate()
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+
+    def wait_stopped(self, timeout: float = 15) -> bool:
+        """Wait for the process to exit; SIGKILL it after ``timeout`` s (then False)."""
+        try:
+            self.proc.wait(timeout)
+            return True
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(5)
+            return False
 
     def tail(self, lines: int = 40) -> str:
         return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
@@ -173,9 +183,11 @@ class Cluster:
     async def ready(self, *roles: Role, timeout: float = 90) -> None:
         await asyncio.gather(*(role.wait_ready(timeout) for role in roles))
 
-    def close(self) -> None:
+    def close(self) -> list[str]:
+        """SIGTERM every process at once; the ones that did not exit by themselves (killed)."""
         for role in self.roles:
-            role.stop()
+            role.terminate()
+        return [f"{role.kind} {role.name}" for role in self.roles if not role.wait_stopped()]
 
     def logs(self) -> str:
         return "\n\n".join(f"== {r.kind} {r.name} ==\n{r.tail()}" for r in self.roles)

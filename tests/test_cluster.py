@@ -23,6 +23,7 @@ from PIL import Image
 from websockets.asyncio.client import connect
 
 from engine.client import InprocEngineClient
+from gateway.cluster.link import cancel_all
 from tests.cluster_harness import INSTALL_HINT, REDIS_SERVER, Cluster, RedisProcess
 from tests.conftest import TINY, Client, data_uri, png_bytes, serving, upscale_task
 
@@ -45,8 +46,9 @@ def cluster(redis_server, tmp_path):
     redis_server.flush()
     made = Cluster(redis_server, tmp_path, common=["--claim-timeout", "2", "--shutdown-grace", "3"])
     yield made
-    made.close()
+    killed = made.close()
     print(made.logs())  # shown when the test failed
+    assert not killed, f"did not exit on SIGTERM within 15 s: {killed}"
 
 
 @contextlib.asynccontextmanager
@@ -314,9 +316,10 @@ async def test_redis_going_away_ends_tasks_with_an_error_and_both_roles_carry_on
             assert item["status"] == "success", item
         print(f"tasks ended {waited:.1f} s after Redis went away")
     finally:
-        cluster.close()
+        killed = cluster.close()
         redis.stop()
         print(cluster.logs())
+    assert not killed, f"did not exit on SIGTERM within 15 s: {killed}"
 
 
 async def test_workers_pull_by_capacity_and_fill_their_batches(cluster):
@@ -410,3 +413,23 @@ async def test_rest_on_cluster_gateways_with_retries_across_them(cluster):
 
         assert await wait_for(done, timeout=60, every=0.3)
     assert (await w.stats())["engine"]["succeeded"] == 2  # the retry ran nothing
+
+
+async def test_cancel_all_ends_a_task_that_swallows_its_first_cancellation():
+    # What redis-py does when a cancellation lands between a command's send and its answer.
+    cancelled = 0
+
+    async def stubborn() -> None:
+        nonlocal cancelled
+        while True:
+            try:
+                await asyncio.sleep(3600)
+            except asyncio.CancelledError:
+                cancelled += 1
+                if cancelled > 1:
+                    raise
+
+    task = asyncio.create_task(stubborn())
+    await asyncio.sleep(0)
+    await asyncio.wait_for(cancel_all([task]), timeout=5)
+    assert task.cancelled() and cancelled == 2

@@ -57,6 +57,20 @@ async def guarded(call: Awaitable):
         raise failure(exc) from exc
 
 
+async def cancel_all(tasks) -> None:
+    """Cancel ``tasks`` and wait until every one has ended.
+
+    A cancellation that lands while redis-py is between a command's send and its
+    answer can be swallowed (the command returns normally: redis/redis-py#2028), and
+    a loop that issued it then runs on forever. So what has not ended after a short
+    wait is cancelled again."""
+    pending = {task for task in tasks if not task.done()}
+    while pending:
+        for task in pending:
+            task.cancel()
+        _, pending = await asyncio.wait(pending, timeout=0.2)
+
+
 class RedisLink:
     def __init__(self, url: str, *, name: str, max_connections: int = 64) -> None:
         self.url = url
@@ -96,9 +110,7 @@ class RedisLink:
             self._tasks.append(asyncio.create_task(self._listen(), name=f"{self.name}-pubsub"))
 
     async def close(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await cancel_all(self._tasks)
         with contextlib.suppress(Exception):
             await self.redis.aclose()
 

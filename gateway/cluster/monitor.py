@@ -13,7 +13,6 @@ Every gateway exports the same cluster-wide numbers: aggregate them with ``max``
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from dataclasses import dataclass, field
@@ -21,7 +20,7 @@ from dataclasses import dataclass, field
 from redis.exceptions import RedisError
 
 from . import keys
-from .link import ClusterUnavailable, RedisLink, guarded
+from .link import ClusterUnavailable, RedisLink, cancel_all, guarded
 
 __all__ = ["ClusterMonitor", "ClusterSnapshot"]
 
@@ -51,9 +50,7 @@ class ClusterMonitor:
 
     async def close(self) -> None:
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await cancel_all([self._task])
 
     def current(self) -> ClusterSnapshot | None:
         snapshot = self.snapshot

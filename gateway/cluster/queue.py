@@ -26,7 +26,7 @@ from engine.api import EngineError, ErrorCode, Finished, UpscaleRequest
 from engine.client import QueuedOutputs
 
 from . import keys
-from .link import ClusterUnavailable, RedisLink
+from .link import ClusterUnavailable, RedisLink, cancel_all
 from .state import LOST, RedisState, task_statuses
 
 __all__ = ["RedisEngineClient", "shape_name"]
@@ -189,8 +189,6 @@ class RedisEngineClient(QueuedOutputs):
 
     async def close(self) -> None:
         self._running = False
-        for task in (self._flush, self._reconciler):
-            if task is not None:
-                task.cancel()
+        await cancel_all([task for task in (self._flush, self._reconciler) if task is not None])
         self._outputs.put_nowait(None)
 

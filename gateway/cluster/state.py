@@ -39,7 +39,7 @@ from ..session import Session, TaskRecord
 from ..state import Admission, GatewayState, Peer, progress_item, without_payload
 from . import keys
 from .images import put_image
-from .link import ClusterUnavailable, RedisLink, failure, guarded
+from .link import ClusterUnavailable, RedisLink, cancel_all, failure, guarded
 
 __all__ = ["RedisState"]
 
@@ -105,11 +105,7 @@ class RedisState(GatewayState):
 
     async def close(self) -> None:
         loops = [loop for loop in (self._sweeper, self._deliverer) if loop is not None]
-        for loop in loops:
-            loop.cancel()
-        for job in list(self._jobs):
-            job.cancel()
-        await asyncio.gather(*self._jobs, *loops, return_exceptions=True)
+        await cancel_all([*self._jobs, *loops])
 
     @property
     def ready(self) -> bool:

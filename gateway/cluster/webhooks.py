@@ -21,7 +21,7 @@ import orjson
 from redis.exceptions import ResponseError
 
 from . import keys
-from .link import ClusterUnavailable, RedisLink, guarded
+from .link import ClusterUnavailable, RedisLink, cancel_all, guarded
 
 __all__ = ["WebhookQueue"]
 
@@ -49,9 +49,7 @@ class WebhookQueue:
         ]
 
     async def close(self) -> None:
-        for task in [*self._tasks, *self._jobs]:
-            task.cancel()
-        await asyncio.gather(*self._tasks, *self._jobs, return_exceptions=True)
+        await cancel_all([*self._tasks, *self._jobs])
 
     async def _ensure_group(self) -> None:
         with contextlib.suppress(ResponseError):  # BUSYGROUP: it exists

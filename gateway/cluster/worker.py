@@ -53,7 +53,7 @@ from ..protocol import Upscale
 from ..session import Session, TaskRecord
 from . import keys
 from .images import RedisImageStore
-from .link import ClusterUnavailable, RedisLink, guarded
+from .link import ClusterUnavailable, RedisLink, cancel_all, guarded
 from .state import RedisState
 
 __all__ = ["Worker"]
@@ -175,13 +175,9 @@ class Worker:
         deadline = time.monotonic() + grace
         while (self.held or self._jobs) and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
-        for task in self._loops:
-            task.cancel()
-        await asyncio.gather(*self._loops, return_exceptions=True)
+        await cancel_all(self._loops)
         await self.engine.close()
-        for job in list(self._jobs):
-            job.cancel()
-        await asyncio.gather(*self._jobs, return_exceptions=True)
+        await cancel_all(list(self._jobs))
         # What it still holds goes to other workers at once, not after the claim timeout.
         with contextlib.suppress(ClusterUnavailable):
             await guarded(self.link.redis.delete(keys.alive("worker", self.id)))
