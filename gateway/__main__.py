@@ -24,6 +24,7 @@ BATCHING = ("continuous", "static")
 GROUP_POLICIES = ("deadline", "round-robin")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 LOG_FORMATS = ("text", "json")
+EVENT_LOOPS = ("auto", "uvloop", "asyncio")
 
 
 def _env_name(flag: str) -> str:
@@ -74,6 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     _image_store_flags(s, default="memory")
     _outbound_flags(s)
     _observability_flags(s, "on the --port and the REST --http-port")
+    _event_loop_flag(s)
     g = sub.add_parser(
         "gateway",
         help="cluster: a front end (sockets, HTTP) on Redis; loads no model",
@@ -95,6 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     _image_store_flags(g, default="redis")
     _outbound_flags(g)
     _observability_flags(g, "on the --port and the REST --http-port")
+    _event_loop_flag(g)
     w = sub.add_parser(
         "worker",
         help="cluster: one engine pulling work from Redis",
@@ -125,6 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     _image_store_flags(w, default="redis")
     _outbound_flags(w)
     _observability_flags(w, "on the --http-port")
+    _event_loop_flag(w)
     add_upscale_parser(sub, _flag, add_model_flags, add_batching_flags)
     return parser
 
@@ -327,6 +331,30 @@ def _outbound_flags(parser) -> None:
     )
 
 
+def _event_loop_flag(parser) -> None:
+    _flag(
+        parser.add_argument_group("process"),
+        "--event-loop",
+        default="auto",
+        choices=EVENT_LOOPS,
+        help="the asyncio event loop: 'uvloop' (libuv; less time per message, measured in "
+        "benchmarks/README.md), 'asyncio' (the standard library's), or 'auto' (uvloop where installed)",
+    )
+
+
+def _loop_factory(choice: str):
+    """The event loop ``--event-loop`` asks for (None: the standard library's)."""
+    if choice == "asyncio":
+        return None
+    try:
+        import uvloop
+    except ImportError:
+        if choice == "uvloop":
+            raise ValueError("--event-loop uvloop: uvloop is not installed (pip install uvloop)") from None
+        return None
+    return uvloop.new_event_loop
+
+
 def _observability_flags(parser, where: str) -> None:
     g = parser.add_argument_group("logs and metrics")
     _flag(
@@ -495,6 +523,7 @@ async def run_until_signalled(role) -> None:
     """Run ``role(stop)`` until SIGTERM or SIGINT sets ``stop``."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
+    logging.getLogger("gateway").info("event loop: %s", type(loop).__module__.split(".")[0])
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await role(stop)
@@ -555,7 +584,8 @@ def main(argv: list[str] | None = None) -> int:
     from engine.loader import ModelLoadError
 
     try:
-        asyncio.run(run_until_signalled(_role(args, config)))
+        with asyncio.Runner(loop_factory=_loop_factory(args.event_loop)) as runner:
+            runner.run(run_until_signalled(_role(args, config)))
     except ModelLoadError as exc:
         print(f"latent-upscaler: {exc}", file=sys.stderr)
         return _leave(2, argv)

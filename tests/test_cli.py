@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 
-from gateway.__main__ import build_parser, config_from_args
+from gateway.__main__ import _loop_factory, build_parser, config_from_args
 
 
 def parse(argv, monkeypatch, **env):
@@ -118,3 +120,20 @@ def test_rest_flags(monkeypatch):
     assert parse([], monkeypatch).http_port is None
     with pytest.raises(ValueError, match="must differ from --port"):
         parse(["--http-port", "8787"], monkeypatch)
+
+
+def test_the_event_loop_is_uvloop_unless_asked_otherwise(monkeypatch):
+    def loop_of(argv, **env):
+        for key, value in env.items():
+            monkeypatch.setenv(key, value)
+        choice = build_parser().parse_args([*argv]).event_loop
+        with asyncio.Runner(loop_factory=_loop_factory(choice)) as runner:
+            return type(runner.get_loop()).__module__
+
+    assert loop_of(["serve"]).startswith("uvloop")
+    assert loop_of(["worker", "--redis-url", "redis://x", "--event-loop", "uvloop"]).startswith("uvloop")
+    assert loop_of(["gateway", "--redis-url", "redis://x"], LATENT_UPSCALER_EVENT_LOOP="asyncio") == (
+        "asyncio.unix_events"
+    )
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["serve", "--event-loop", "trio"])

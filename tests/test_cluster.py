@@ -94,6 +94,7 @@ async def test_two_gateways_two_workers_answer_a_mixed_burst_once_like_serve(clu
     a, b = cluster.gateway("a"), cluster.gateway("b")
     w1, w2 = cluster.worker("w1"), cluster.worker("w2")
     await cluster.ready(a, b, w1, w2)
+    assert all("event loop: uvloop" in role.log.read_text() for role in (a, b, w1, w2))  # the default
     sizes = [(40, 24), (64, 64), (48, 32)]
     tasks = [
         upscale_task(
