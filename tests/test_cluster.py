@@ -363,6 +363,12 @@ async def test_an_idle_worker_is_handed_its_task_without_pulling(cluster, redis_
     assert all(len(terminal(items)) == 1 and terminal(items)[0]["status"] == "success" for items in results.values())
     stats = await w1.stats()
     assert stats["pushed"] == 4 and stats["engine"]["succeeded"] == 9, stats
+    # The pushed entries carry input images: once read, the worker's next pull trims them.
+
+    async def trimmed() -> bool:
+        return redis_server.command(b"XLEN", b"lu:inbox:{w1}") == b":0"
+
+    await wait_for(trimmed)
 
 
 async def test_a_worker_restarted_under_its_own_id_takes_back_its_tasks(cluster):

@@ -221,7 +221,8 @@ return id
 # KEYS: shapes set, idle workers (zset), the worker's inbox. ARGV: consumer, rows to
 # take from a new shape (0: none), how long (ms) the oldest entry of a new shape must
 # have waited (0: any), queue prefix, suffix, max deliveries, task prefix, image prefix,
-# whether the worker holds nothing (1/0), the last inbox entry it read, then pairs
+# whether the worker holds nothing (1/0), the last inbox entry it read (it and those
+# before it are trimmed: they carry input images), then pairs
 # (shape, free rows) of the shapes the worker runs. Entries are taken one at a time
 # until their rows fill the free rows (a two-row entry may exceed them by one), and each
 # is begun at once (see _BEGIN).
@@ -276,6 +277,12 @@ for _, yes in pairs(waiting) do
 end
 for i = 11, #ARGV, 2 do  -- the shapes it runs: entries may be left that did not fit
   if more == 0 and waiting_since(ARGV[4] .. ARGV[i] .. ARGV[5]) then more = 1 end
+end
+-- The inbox entries it has read carry input images: they go now, not in a round trip
+-- of their own when read (XTRIM drops the ids below the one after the last read).
+local ms, seq = string.match(ARGV[10], '^(%d+)-(%d+)$')
+if ms and ARGV[10] ~= '0-0' then
+  redis.call('XTRIM', KEYS[3], 'MINID', ms .. '-' .. (tonumber(seq) + 1))
 end
 local unread = redis.call('XRANGE', KEYS[3], '(' .. ARGV[10], '+', 'COUNT', 1)
 if ARGV[9] == '1' and #out == 0 and #unread == 0 then

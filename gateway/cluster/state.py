@@ -443,6 +443,8 @@ class RedisState(GatewayState):
                     self._deliver(notice)
                 except Exception:
                     logger.exception("a frame could not be delivered")
+            if got:  # the frames' writes (scheduled by Peer.send) go out before the next BLMPOP
+                await asyncio.sleep(0)
 
     def _deliver(self, notice: bytes) -> None:
         sid, _, is_error, origin, task_uuid, frame = notice.split(b"\n", 5)

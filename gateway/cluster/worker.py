@@ -259,13 +259,7 @@ class Worker:
             held = [self._hold(f[b"s"], f[b"e"], f[b"t"], f[b"r"]) for _, f in fresh]
             self.pushed += len(held)
             began = [[f[name] for name in (b"v", b"c", b"i", b"a", b"y", b"n", b"m", b"d")] for _, f in fresh]
-            await self._start_all(held, began)
-            self._spawn(self._forget_inbox([i for i, _ in entries]))
-
-    async def _forget_inbox(self, ids: list[bytes]) -> None:
-        """Read inbox entries carry input images: they leave the stream once read."""
-        with contextlib.suppress(ClusterUnavailable):
-            await guarded(self.link.redis.xdel(keys.inbox(self.id), *ids))
+            await self._start_all(held, began)  # (PULL trims the entries read)
 
     async def _recover(self) -> None:
         """A worker restarted under the same id: what its previous run was pushed or had
