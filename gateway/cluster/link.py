@@ -12,9 +12,12 @@ listener and a health flag.
 Redis errors reach callers as :class:`ClusterUnavailable` (from :func:`guarded`), one
 type to handle wherever the cluster is used.
 
-Scripts in a pipeline are queued with :meth:`RedisLink.queue` and the pipeline run with
-:meth:`RedisLink.execute`, not with redis-py's ``Script(client=pipe)``: that one sends
-``SCRIPT EXISTS`` before every pipeline, a round trip more on the hot path.
+Scripts (:meth:`RedisLink.script`) and pipelines of scripts (queued with
+:meth:`RedisLink.queue`, run with :meth:`RedisLink.execute`) go as bare ``EVALSHA`` on
+connections the link holds itself (:class:`HeldConnections`), with raw replies: not
+through redis-py's ``Script(client=pipe)``, which sends ``SCRIPT EXISTS`` before every
+pipeline, nor its pool and ``Pipeline.execute``, which cost as much CPU as the exchange.
+Other commands, whose replies redis-py parses, use ``link.redis`` as usual.
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ from redis.exceptions import NoScriptError, RedisError, ResponseError
 
 from . import scripts
 
-__all__ = ["ClusterUnavailable", "RedisLink", "failure", "guarded"]
+__all__ = ["ClusterUnavailable", "RedisLink", "cancel_all", "failure", "guarded", "raise_errors"]
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +51,13 @@ class ClusterUnavailable(Exception):
 def failure(error: BaseException) -> ClusterUnavailable:
     """A Redis failure (raised, or an answer in a pipeline) as :class:`ClusterUnavailable`."""
     return ClusterUnavailable(f"Redis: {type(error).__name__}: {error}")
+
+
+def raise_errors(answers: list) -> None:
+    """Raise the first error answer of a pipeline as :class:`ClusterUnavailable`."""
+    for answer in answers:
+        if isinstance(answer, Exception):
+            raise failure(answer) from answer
 
 
 async def guarded(call: Awaitable):
@@ -127,10 +137,9 @@ class RedisLink:
 
     async def script(self, name: str, keys: list[str], args: list) -> object:
         """Run script ``name`` (its answer; an error raised as :class:`ClusterUnavailable`)."""
-        [answer] = await self._run([self._evalsha(name, keys, args)], transaction=False)
-        if isinstance(answer, Exception):
-            raise failure(answer) from answer
-        return answer
+        answers = await self._run([self._evalsha(name, keys, args)], transaction=False)
+        raise_errors(answers)
+        return answers[0]
 
     def queue(self, pipe: Pipeline, name: str, keys: list[str], args: list) -> None:
         """Queue script ``name`` on ``pipe`` as a bare ``EVALSHA`` (run it with :meth:`execute`)."""
@@ -146,9 +155,7 @@ class RedisLink:
         commands = [command for command, _ in pipe.command_stack]
         answers = await self._run(commands, transaction=pipe.is_transaction)
         if raise_on_error:
-            for answer in answers:
-                if isinstance(answer, Exception):
-                    raise failure(answer) from answer
+            raise_errors(answers)
         return answers
 
     async def _run(self, commands: list[tuple], *, transaction: bool) -> list:

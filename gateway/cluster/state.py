@@ -39,7 +39,7 @@ from ..session import Session, TaskRecord
 from ..state import Admission, GatewayState, Peer, progress_item, without_payload
 from . import keys
 from .images import put_image
-from .link import ClusterUnavailable, RedisLink, cancel_all, failure, guarded
+from .link import ClusterUnavailable, RedisLink, cancel_all, guarded, raise_errors
 
 __all__ = ["RedisState"]
 
@@ -261,9 +261,7 @@ class RedisState(GatewayState):
             self.link.queue(pipe, "REGISTER", [keys.task(task_uuid)], args)
             self.queue.queue_enqueue(pipe, admit.request, nonce)
             answers = await self.link.execute(pipe, raise_on_error=False)
-        for answer in answers[:-1]:  # the image and the record (ENQUEUE's answer: the queue's to judge)
-            if isinstance(answer, Exception):
-                raise failure(answer) from answer
+        raise_errors(answers[:-1])  # the image and the record (ENQUEUE's answer: the queue's to judge)
         return answers[-2], answers[-1]
 
     async def forget(self, record: TaskRecord) -> None:
