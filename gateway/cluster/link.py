@@ -14,7 +14,8 @@ type to handle wherever the cluster is used.
 
 Scripts (:meth:`RedisLink.script`) and pipelines of scripts (queued with
 :meth:`RedisLink.queue`, run with :meth:`RedisLink.execute`) go as bare ``EVALSHA`` on
-connections the link holds itself (:class:`HeldConnections`), with raw replies: not
+connections the link holds itself (:class:`HeldConnections`), with raw replies, as do
+the blocking reads on every task's path (:meth:`RedisLink.command`): not
 through redis-py's ``Script(client=pipe)``, which sends ``SCRIPT EXISTS`` before every
 pipeline, nor its pool and ``Pipeline.execute``, which cost as much CPU as the exchange.
 Other commands, whose replies redis-py parses, use ``link.redis`` as usual.
@@ -138,6 +139,14 @@ class RedisLink:
     async def script(self, name: str, keys: list[str], args: list) -> object:
         """Run script ``name`` (its answer; an error raised as :class:`ClusterUnavailable`)."""
         answers = await self._run([self._evalsha(name, keys, args)], transaction=False)
+        raise_errors(answers)
+        return answers[0]
+
+    async def command(self, *args) -> object:
+        """One command on a held connection: its raw reply (an error raised as
+        :class:`ClusterUnavailable`). For the blocking reads each task's hand-over waits on
+        (a gateway's delivery list, a worker's inbox)."""
+        answers = await guarded(self._held.run([args]))
         raise_errors(answers)
         return answers[0]
 

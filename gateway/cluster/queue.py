@@ -103,7 +103,7 @@ class RedisEngineClient(QueuedOutputs):
         rows = 2 if request.cfg_scale > 1 else 1
         args = [self.max_queued, shape, request.request_id, rows, request.context, keys.queue("")[:-1], "}"]
         args += [self.max_deliveries, self.image_prefix, keys.inbox("")[:-1]]
-        args += [keys.alive("worker", ""), keys.WORK_CHANNEL, keys.task("")[:-1], nonce]
+        args += [keys.alive("worker", ""), keys.WORK_CHANNEL, keys.task("")[:-1], nonce, request.image_uuid]
         task_keys = [keys.task(request.request_id), keys.SHAPES, keys.queue(shape), keys.IDLE]
         self.link.queue(pipe, "ENQUEUE", task_keys, args)
 

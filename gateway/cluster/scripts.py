@@ -22,8 +22,8 @@ a retried call after a failover).
   :data:`ORPHANS` takes over the entries of workers whose liveness key has expired.
 - :data:`FINISH` — exactly once: only the first terminal outcome of a task wins; it is
   recorded, its entry acknowledged and deleted, its frame appended to its session's
-  outbox and handed to the owning gateway (its delivery list), its webhook queued, its
-  gateway told.
+  outbox and handed to the owning gateway (its delivery list), its webhook queued, the
+  gateway that queued it told (by that notice when it went to it, else a message).
 - :data:`PROGRESS`, :data:`OPEN`, :data:`TAKE`, :data:`DETACH`, :data:`KEEP` — progress
   and the session's outbox: open or resume, hand out frames no gateway took yet (once),
   let go, give a frame back.
@@ -64,6 +64,9 @@ end
 # hand-over, atomic in Redis: a notice is delivered by the gateway that popped it, or
 # taken back by a TAKE (a resume elsewhere) before anyone did, never both. The entry
 # records to whom it went ('g'); not to ``not_to`` (a gateway giving a frame back).
+# Returns the gateway the notice went to (nil: none). ``is_error`` is '1' for an error
+# frame, 'p' for a progress frame, '0' for any other: a notice of a task's frame that is
+# not 'p' tells the gateway popping it that the task has finished.
 _APPEND = (
     _NOTICE
     + """
@@ -82,6 +85,7 @@ local function append(sess_prefix, out_prefix, suffix, deliver_prefix, sid, fram
     local dk = deliver_prefix .. owner .. suffix
     redis.call('RPUSH', dk, notice(sid, id, is_error, origin, task_uuid, frame))
     if ttl > 0 then redis.call('PEXPIRE', dk, ttl) end
+    return owner
   end
 end
 """
@@ -95,7 +99,7 @@ end
 # images are in Redis (image_prefix '' when they are in S3: the worker reads it there).
 _BEGIN = """
 local function begin(task_key, max_deliveries, worker, image_prefix, suffix)
-  local f = redis.call('HMGET', task_key, 'status', 'ctx', 'sid', 'async', 'type')
+  local f = redis.call('HMGET', task_key, 'status', 'ctx', 'sid', 'async', 'type', 'in')
   if not f[1] then return {'gone'} end
   if f[1] ~= 'processing' then return {'done'} end
   local runs = redis.call('HINCRBY', task_key, 'runs', 1)
@@ -103,10 +107,16 @@ local function begin(task_key, max_deliveries, worker, image_prefix, suffix)
   local verdict = 'run'
   if runs > tonumber(max_deliveries) then verdict = 'poison' end
   local media, data = '', ''
-  local ok, ctx = pcall(cjson.decode, f[2] or '')
-  if verdict == 'run' and ok and ctx['input'] and image_prefix ~= '' then  -- '': not in Redis
-    local image = redis.call('HMGET', image_prefix .. ctx['input'] .. suffix, 't', 'd')
-    media, data = image[1] or '', image[2] or ''
+  if verdict == 'run' and image_prefix ~= '' then  -- '': not in Redis
+    local input = f[6]
+    if not input or input == '' then  -- queued by an older gateway: named in the context only
+      local ok, ctx = pcall(cjson.decode, f[2] or '')
+      input = ok and ctx['input'] or nil
+    end
+    if input then
+      local image = redis.call('HMGET', image_prefix .. input .. suffix, 't', 'd')
+      media, data = image[1] or '', image[2] or ''
+    end
   end
   return {verdict, f[2] or '', f[3] or '', f[4] or '0', f[5] or '', tostring(runs), media, data}
 end
@@ -171,7 +181,7 @@ return 0
 # KEYS: task, shapes set, the shape's queue, idle workers (zset). ARGV: max queued (0:
 # no bound), shape, task uuid, rows, context, queue prefix, suffix, max deliveries,
 # image prefix ('' when images are not in Redis), inbox prefix, liveness key prefix,
-# work channel, task prefix, admission nonce.
+# work channel, task prefix, admission nonce, input image uuid.
 # Returns the entry id ('pushed:' before it when an idle worker took it), 'full', 'lost'
 # or 'conflict'. With a nonce, the ENQUEUE rides in one pipeline with its REGISTER (one
 # round trip for the admission): it queues only if that very REGISTER created the
@@ -198,7 +208,7 @@ if redis.call('SADD', KEYS[2], ARGV[2]) == 1 or redis.call('EXISTS', KEYS[3]) ==
   redis.pcall('XGROUP', 'CREATE', KEYS[3], 'workers', '0', 'MKSTREAM')
 end
 local id = redis.call('XADD', KEYS[3], '*', 't', ARGV[3], 'r', ARGV[4])
-redis.call('HSET', KEYS[1], 'ctx', ARGV[5], 'entry', id, 'shape', ARGV[2])
+redis.call('HSET', KEYS[1], 'ctx', ARGV[5], 'entry', id, 'shape', ARGV[2], 'in', ARGV[15])
 while true do
   local idle = redis.call('ZPOPMIN', KEYS[4])
   if not idle[1] then break end
@@ -374,11 +384,14 @@ if f[4] and f[5] then
   redis.call('XACK', q, 'workers', f[4])
   redis.call('XDEL', q, f[4])
 end
+local to = nil
 if ARGV[3] ~= '' and f[2] then
-  append(ARGV[9], ARGV[10], ARGV[12], ARGV[15], f[2], ARGV[3], ARGV[4], f[6] or '', ARGV[14], ARGV[8], '')
+  to = append(ARGV[9], ARGV[10], ARGV[12], ARGV[15], f[2], ARGV[3], ARGV[4], f[6] or '', ARGV[14], ARGV[8], '')
 end
 if ARGV[5] ~= '' then redis.call('XADD', KEYS[2], '*', 'u', ARGV[5], 'b', ARGV[6], 't', ARGV[14]) end
-if f[3] then redis.call('PUBLISH', ARGV[13] .. f[3], 'd ' .. ARGV[14]) end
+-- The gateway that queued it learns it is done: from the frame's notice when that went to
+-- it (one message fewer per task), else by a message on its channel.
+if f[3] and f[3] ~= to then redis.call('PUBLISH', ARGV[13] .. f[3], 'd ' .. ARGV[14]) end
 return 1
 """
 )
@@ -392,7 +405,7 @@ local f = redis.call('HMGET', KEYS[1], 'status', 'sid')
 if f[1] ~= 'processing' then return 0 end
 redis.call('HSET', KEYS[1], 'progress', ARGV[1])
 if ARGV[2] ~= '' and f[2] then
-  append(ARGV[4], ARGV[5], ARGV[6], ARGV[7], f[2], ARGV[2], '0', '', ARGV[8], ARGV[3], '')
+  append(ARGV[4], ARGV[5], ARGV[6], ARGV[7], f[2], ARGV[2], 'p', '', ARGV[8], ARGV[3], '')
 end
 return 1
 """

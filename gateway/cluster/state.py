@@ -431,7 +431,7 @@ class RedisState(GatewayState):
         key = keys.deliver(self.member_id)
         while True:
             try:
-                got = await guarded(self.link.redis.execute_command("BLMPOP", 1, 1, key, "LEFT", "COUNT", 256))
+                got = await self.link.command("BLMPOP", 1, 1, key, "LEFT", "COUNT", 256)
             except ClusterUnavailable as exc:
                 logger.debug("delivery list not read: %s", exc)
                 await asyncio.sleep(0.5)
@@ -445,8 +445,13 @@ class RedisState(GatewayState):
                 await asyncio.sleep(0)
 
     def _deliver(self, notice: bytes) -> None:
-        sid, _, is_error, origin, task_uuid, frame = notice.split(b"\n", 5)
-        session_id, origin_id, task = sid.decode(), origin.decode(), task_uuid.decode()
+        sid, _, kind, origin, task_uuid, frame = notice.split(b"\n", 5)
+        task = task_uuid.decode()
+        self._send_notice(sid.decode(), kind, origin.decode(), task, frame)
+        if task and kind != b"p":  # a task's last frame: FINISH told this gateway so, not by a message
+            self._task_done(task)
+
+    def _send_notice(self, session_id: str, is_error: bytes, origin_id: str, task: str, frame: bytes) -> None:
         if task in self._answered:
             return  # answered here while Redis was away
         peer = self._attached.get(session_id)
@@ -461,10 +466,14 @@ class RedisState(GatewayState):
     def _on_message(self, data: bytes) -> None:
         kind, _, name = data.decode().partition(" ")
         if kind == "d":
-            if self.on_task_done is not None:
-                self.on_task_done(name)
-            if name in self._watched:
-                self._spawn(self._check_watched([name]))
+            self._task_done(name)
+
+    def _task_done(self, task_uuid: str) -> None:
+        """A task this gateway may have queued or watches has finished."""
+        if self.on_task_done is not None:
+            self.on_task_done(task_uuid)
+        if task_uuid in self._watched:
+            self._spawn(self._check_watched([task_uuid]))
 
     def _drain_soon(self, session_id: str) -> None:
         if session_id not in self._attached:

@@ -239,19 +239,23 @@ class Worker:
 
     async def _start_all(self, held: list[_Held], began: list[list]) -> None:
         # (inputs in S3 are read concurrently; in order otherwise)
-        await asyncio.gather(*(self._start(h, b) for h, b in zip(held, began)))
+        if len(held) == 1:  # (the usual hand-over: no task to schedule)
+            await self._start(held[0], began[0])
+        else:
+            await asyncio.gather(*(self._start(h, b) for h, b in zip(held, began)))
 
     async def _inbox_loop(self) -> None:
         """Tasks a gateway took for this worker while it was idle (see ``ENQUEUE``)."""
         inbox = keys.inbox(self.id)
         while True:
             try:
-                got = await guarded(self.link.redis.xread({inbox: self._inbox_seen}, count=64, block=1000))
+                got = await self.link.command("XREAD", "COUNT", 64, "BLOCK", 1000, "STREAMS", inbox, self._inbox_seen)
             except ClusterUnavailable as exc:
                 logger.debug("inbox not read: %s", exc)
                 await asyncio.sleep(0.5)
                 continue
-            entries = [entry for _, stream in got or [] for entry in stream]
+            # (raw reply: [[inbox, [[entry id, [field, value, ...]], ...]]], or none)
+            entries = [(entry, dict(zip(flat[::2], flat[1::2]))) for _, stream in got or () for entry, flat in stream]
             if not entries:
                 continue
             self._inbox_seen = entries[-1][0].decode()
