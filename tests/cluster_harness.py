@@ -68,6 +68,19 @@ class RedisProcess:
         except OSError:
             return None
 
+    def calls(self, command: str) -> int:
+        """How many times ``command`` ran (scripts' calls included) since the last
+        ``CONFIG RESETSTAT``, from ``INFO commandstats``."""
+        with socket.create_connection(("127.0.0.1", self.port), timeout=1) as s:
+            s.sendall(b"*2\r\n$4\r\nINFO\r\n$12\r\ncommandstats\r\n")
+            reply = b""
+            while not reply.endswith(b"\r\n") or reply.count(b"\r\n") < 2 or len(reply) < _bulk_end(reply):
+                reply += s.recv(65536)
+        for line in reply.decode().splitlines():
+            if line.startswith(f"cmdstat_{command.lower()}:"):
+                return int(line.split("calls=", 1)[1].split(",", 1)[0])
+        return 0
+
     def flush(self) -> None:
         assert self.command(b"FLUSHALL") == b"+OK"
 
@@ -191,3 +204,9 @@ class Cluster:
 
     def logs(self) -> str:
         return "\n\n".join(f"== {r.kind} {r.name} ==\n{r.tail()}" for r in self.roles)
+
+
+def _bulk_end(reply: bytes) -> int:
+    """The length of a whole RESP bulk string reply whose header ``reply`` starts with."""
+    header, _, _ = reply.partition(b"\r\n")
+    return len(header) + 2 + int(header[1:]) + 2

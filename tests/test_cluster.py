@@ -351,10 +351,16 @@ async def test_an_idle_worker_is_handed_its_task_without_pulling(cluster, redis_
         return redis_server.command(b"ZSCORE", b"lu:idle", b"w1") not in (None, b"$-1")
 
     async with connected(gw.url) as c:
+        assert redis_server.command(b"CONFIG", b"RESETSTAT") == b"+OK"
         for n in range(3):  # one at a time: each is pushed
             await wait_for(idle)
             results = await c.run([upscale_task(settings={"steps": 2, "seed": n})])
             assert [terminal(items)[0]["status"] for items in results.values()] == ["success"]
+            # The result's notice told the gateway that the task is done (no message):
+            # it no longer counts it (settled in the turn that sent the result).
+            counts = (await gw.stats())["gateway"]
+            assert (counts["tasks_in_flight"], counts["engine_tasks"]) == (0, 0), counts
+        assert redis_server.calls("PUBLISH") == 0  # (and no work hint: each was pushed)
         assert (await w1.stats())["pushed"] == 3
         await wait_for(idle)
         burst = [upscale_task(settings={"steps": 6}) for _ in range(6)]
