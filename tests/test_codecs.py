@@ -232,15 +232,19 @@ def test_sniff_unknown():
 
 
 @pytest.mark.parametrize("fmt", ["JPEG", "PNG"])
-@pytest.mark.parametrize(("size", "orientation"), [((40, 24), 1), ((100, 33), 1), ((64, 200), 6), ((70, 20), 8)])
+@pytest.mark.parametrize(
+    ("size", "orientation"), [((40, 24), None), ((100, 33), 1), ((64, 200), 6), ((70, 20), 8), ((300, 70), None)]
+)
 def test_latent_shape_from_the_header_is_the_engines(size, orientation, fmt):
     """A cluster queues work by latent shape read from the header alone (a PNG's pixels
-    are not decoded): it must be the shape the engine gives the decoded, EXIF-rotated,
-    padded image."""
+    are not decoded; one without EXIF is read without Pillow): it must be the shape the
+    engine gives the decoded, EXIF-rotated, padded image."""
     exif = Image.Exif()
-    exif[0x0112] = orientation
+    if orientation is not None:
+        exif[0x0112] = orientation
     data = encode(Image.new("RGB", size, (90, 40, 20)), fmt, exif=exif)
     decoded = codecs.image_to_array(codecs.decode_image(data))
     padded = codecs.pad_to_multiple(decoded, codecs.PAD_MULTIPLE, min_size=codecs.PAD_MIN)
     assert codecs.latent_shape(data) == (padded.shape[0] // 8, padded.shape[1] // 8)
     assert codecs.latent_shape(b"not an image") is None
+    assert codecs.latent_shape(data[:30]) is None  # (a header cut short)
