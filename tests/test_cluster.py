@@ -24,6 +24,7 @@ from websockets.asyncio.client import connect
 
 from engine.client import InprocEngineClient
 from gateway.cluster.link import cancel_all
+from gateway.cluster.scripts import INLINE_IMAGE_BYTES
 from tests.cluster_harness import INSTALL_HINT, REDIS_SERVER, Cluster, RedisProcess
 from tests.conftest import TINY, Client, data_uri, png_bytes, serving, upscale_task
 
@@ -76,6 +77,15 @@ async def poll(c: Client, task_uuid: str, timeout: float = 60) -> dict:
     raise AssertionError(f"{task_uuid} not finished in {timeout} s")
 
 
+def noise_png(width: int, height: int) -> bytes:
+    """A PNG that does not compress: larger than a script inlines (``INLINE_IMAGE_BYTES``)."""
+    noise = np.random.default_rng(width * height).integers(0, 256, (height, width, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(noise).save(buf, format="PNG")
+    assert len(buf.getvalue()) > INLINE_IMAGE_BYTES
+    return buf.getvalue()
+
+
 def pixels(item: dict) -> np.ndarray:
     return np.asarray(Image.open(io.BytesIO(base64.b64decode(item["imageBase64Data"]))).convert("RGB")).astype(int)
 
@@ -104,6 +114,8 @@ async def test_two_gateways_two_workers_answer_a_mixed_burst_once_like_serve(clu
         )
         for i in range(12)
     ]
+    # An input too large to come with its task through a script: its worker reads it.
+    tasks.append(upscale_task(data_uri(noise_png(160, 160)), settings={"steps": 2, "seed": 5}))
     later = upscale_task(deliveryMethod="async", settings={"seed": 77})
     async with connected(a.url) as c1, connected(a.url) as c2, connected(b.url) as c3:
         results = await asyncio.gather(c1.run(tasks[:4]), c2.run(tasks[4:8]), c3.run(tasks[8:]))
@@ -117,8 +129,9 @@ async def test_two_gateways_two_workers_answer_a_mixed_burst_once_like_serve(clu
     assert polled["status"] == "success"
     for t in tasks:
         assert got[t["taskUUID"]][0]["taskType"] == t["taskType"]
-    served = [(await w.stats())["engine"]["succeeded"] for w in (w1, w2)]
-    assert sum(served) == len(tasks) + 1
+    stats = [await w.stats() for w in (w1, w2)]
+    assert sum(s["engine"]["succeeded"] for s in stats) == len(tasks) + 1
+    assert sum(s["inputs_read"] for s in stats) == 1  # the large one; the others came with their tasks
     # The same tasks, same seeds, in one process (serve): the same images.
     async with serving(engine=InprocEngineClient(TINY)) as server, connected(server.url) as c:
         again = [{**t, "taskUUID": str(uuid.uuid4())} for t in tasks]
@@ -352,9 +365,10 @@ async def test_an_idle_worker_is_handed_its_task_without_pulling(cluster, redis_
 
     async with connected(gw.url) as c:
         assert redis_server.command(b"CONFIG", b"RESETSTAT") == b"+OK"
-        for n in range(3):  # one at a time: each is pushed
+        for n in range(3):  # one at a time: each is pushed (the first with an input too large to inline)
             await wait_for(idle)
-            results = await c.run([upscale_task(settings={"steps": 2, "seed": n})])
+            image = data_uri(noise_png(160, 160) if n == 0 else png_bytes(40, 24))
+            results = await c.run([upscale_task(image, settings={"steps": 2, "seed": n})])
             assert [terminal(items)[0]["status"] for items in results.values()] == ["success"]
             # The result's notice told the gateway that the task is done (no message):
             # it no longer counts it (settled in the turn that sent the result).
@@ -362,6 +376,7 @@ async def test_an_idle_worker_is_handed_its_task_without_pulling(cluster, redis_
             assert (counts["tasks_in_flight"], counts["engine_tasks"]) == (0, 0), counts
         assert redis_server.calls("PUBLISH") == 0  # (and no work hint: each was pushed)
         assert (await w1.stats())["pushed"] == 3
+        assert (await w1.stats())["inputs_read"] == 1  # the large one
         await wait_for(idle)
         burst = [upscale_task(settings={"steps": 6}) for _ in range(6)]
         results = await c.run(burst, timeout=120)  # one pushed, the rest pulled

@@ -96,8 +96,15 @@ end
 # {verdict, context, session id, async, taskType, runs, input media type, input bytes};
 # verdict is run, poison (past max deliveries), done (answered already: drop the entry)
 # or gone (no record: Redis lost it). The input image comes along (one round trip), when
-# images are in Redis (image_prefix '' when they are in S3: the worker reads it there).
-_BEGIN = """
+# images are in Redis (image_prefix '' when they are in S3: the worker reads it there)
+# and it is at most INLINE_IMAGE_BYTES: a larger one comes as its media type alone, and
+# the worker reads it with HMGET. (Bytes copied through a script cost Redis about 2 us
+# per KB, twice: a 400 KB input made ENQUEUE on an idle worker take 1 ms instead of 0.1.)
+INLINE_IMAGE_BYTES = 64 * 1024
+
+_BEGIN = (
+    f"local INLINE_IMAGE_BYTES = {INLINE_IMAGE_BYTES}\n"
+    + """
 local function begin(task_key, max_deliveries, worker, image_prefix, suffix)
   local f = redis.call('HMGET', task_key, 'status', 'ctx', 'sid', 'async', 'type', 'in')
   if not f[1] then return {'gone'} end
@@ -114,13 +121,19 @@ local function begin(task_key, max_deliveries, worker, image_prefix, suffix)
       input = ok and ctx['input'] or nil
     end
     if input then
-      local image = redis.call('HMGET', image_prefix .. input .. suffix, 't', 'd')
-      media, data = image[1] or '', image[2] or ''
+      local image_key = image_prefix .. input .. suffix
+      if redis.call('HSTRLEN', image_key, 'd') <= INLINE_IMAGE_BYTES then
+        local image = redis.call('HMGET', image_key, 't', 'd')
+        media, data = image[1] or '', image[2] or ''
+      else
+        media = redis.call('HGET', image_key, 't') or ''
+      end
     end
   end
   return {verdict, f[2] or '', f[3] or '', f[4] or '0', f[5] or '', tostring(runs), media, data}
 end
 """
+)
 
 # Shared Lua: the time (ms) of the oldest entry of a queue not yet delivered to any
 # worker, or nil when there is none.

@@ -54,7 +54,7 @@ from ..session import Session, TaskRecord
 from . import keys
 from .images import RedisImageStore
 from .link import ClusterUnavailable, RedisLink, cancel_all, guarded
-from .state import RedisState
+from .state import RedisState, unavailable
 
 __all__ = ["Worker"]
 
@@ -140,6 +140,7 @@ class Worker:
         self.redelivered = 0  # tasks this worker took over from another
         self.pushed = 0  # tasks a gateway handed it while it was idle (its inbox)
         self.dead_lettered = 0  # poison tasks it ended
+        self.inputs_read = 0  # inputs it read itself (in S3, or too large to come with the task)
         self._wake = asyncio.Event()
         self._backlog = True  # entries may be waiting (the last pull said so, or none yet)
         self._inbox_seen = "0-0"  # the last inbox entry read
@@ -337,7 +338,7 @@ class Worker:
             logger.error("task %s: %s", held.task_uuid, message)
             self._end(held, TaskError(str(ErrorCode.RETRIES_EXHAUSTED), message))
             return
-        if not media_type and not self.images_in_redis:
+        if not data and (media_type or not self.images_in_redis):  # in S3, or too large to inline
             stored = await self._read_input(held)
             if stored is None:
                 return
@@ -359,12 +360,17 @@ class Worker:
         self.engine.submit(dataclasses.replace(request, want_denoised=True))
 
     async def _read_input(self, held: _Held) -> StoredImage | None:
-        """The task's input from S3; None when the task was ended instead (the store
-        cannot be reached: the task gets that error)."""
+        """The task's input from the image store (S3, or Redis for one too large to come
+        with its task); None when the task was ended instead (the store cannot be
+        reached: the task gets that error)."""
+        self.inputs_read += 1
         try:
             stored = await self.store.get(held.input_uuid)
         except TaskError as error:
             self._end(held, error)
+            return None
+        except ClusterUnavailable:
+            self._end(held, unavailable(" (reading the task's input image)"))
             return None
         return stored or StoredImage(held.input_uuid, b"", "", 0.0)  # (gone: "expired" below)
 
@@ -576,5 +582,6 @@ class Worker:
             "redelivered": self.redelivered,
             "pushed": self.pushed,
             "dead_lettered": self.dead_lettered,
+            "inputs_read": self.inputs_read,
             **({"image_store": store} if (store := self.store.stats()) else {}),
         }
