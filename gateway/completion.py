@@ -10,15 +10,24 @@ Runware result item; a failure raises the :class:`TaskError` the task ends with.
 from __future__ import annotations
 
 import base64
+import logging
+
+import orjson
 
 from engine.api import EngineError, ErrorCode, UpscaleResult
 
 from .errors import TaskError, internal_error
 from .http import Outbound, OutboundError
 from .images import ImageStore, StoredImage, new_uuid
-from .protocol import Upscale
+from .protocol import Upscale, data_frame
 
 __all__ = ["Completion", "engine_error", "image_url", "shutdown_error"]
+
+logger = logging.getLogger(__name__)
+
+# What a success frame carries in a cluster's Redis: one whose image payload is larger is
+# kept there without it (``RedisState.finish``), and the gateway sending it puts it back.
+PAYLOAD_MARK = b'"_payload":'
 
 
 class Completion:
@@ -110,6 +119,22 @@ class Completion:
                 else data_uri(stored.data, stored.media_type)
             )
         return item
+
+
+    async def restored(self, item: dict) -> dict:
+        """:meth:`with_payload`, never raising: when the image store cannot be read, the
+        item goes without its payload (its ``imageUUID`` still names the image)."""
+        try:
+            return await self.with_payload(item)
+        except Exception as exc:  # the store is away (Redis, S3): say so, deliver the rest
+            logger.warning("the image of %s could not be read back for its result: %s", item.get("taskUUID"), exc)
+            return {k: v for k, v in item.items() if k != "_payload"}
+
+    async def whole_frame(self, frame: bytes) -> bytes:
+        """A success frame as sent: with its image payload, when it was kept without."""
+        if PAYLOAD_MARK not in frame:
+            return frame
+        return data_frame(*[await self.restored(item) for item in orjson.loads(frame)["data"]])
 
 
 def image_url(base_url: str, image: StoredImage) -> str:

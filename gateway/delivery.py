@@ -113,6 +113,7 @@ class Gateway:
             output_ttl=config.output_ttl,
             price_per_gpu_hour=config.price_per_gpu_hour,
         )
+        self.state.whole_frame = self.completion.whole_frame
         # Whether awaiting the stores never waits: then a task is admitted and completed
         # inline, with no asyncio task of its own.
         self._inline = self.state.local and isinstance(self.store, MemoryImageStore)
@@ -410,6 +411,7 @@ class Gateway:
 
     async def post_webhook(self, url: str, body: dict) -> bool:
         """POST a result item (retried per the outbound policy); False if it never got through."""
+        body = await self.completion.restored(body)  # (a cluster queues large payloads without)
         try:
             await self.outbound.post_json(url, orjson.dumps(body))
         except OutboundError as exc:

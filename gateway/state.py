@@ -17,7 +17,7 @@ REST request.
 from __future__ import annotations
 
 import abc
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import NamedTuple
 
 from engine.api import UpscaleRequest
@@ -47,6 +47,9 @@ class GatewayState(abc.ABC):
     #: True when :meth:`finish` itself queues a task's webhook durably (a cluster);
     #: otherwise the core posts it.
     queues_webhooks: bool = False
+    #: A frame as sent, from one kept without its image payload (set by the gateway core:
+    #: a cluster keeps large payloads out of Redis's frames and webhooks).
+    whole_frame: Callable[[bytes], Awaitable[bytes]] | None = None
 
     async def start(self) -> None:
         """Connect, and start any background work."""
