@@ -468,7 +468,9 @@ class RedisState(GatewayState):
 
     async def _send_whole(self, session_id: str, is_error: bytes, origin_id: str, task: str, frame: bytes) -> None:
         assert self.whole_frame is not None
-        self._send_notice(session_id, is_error, origin_id, task, await self.whole_frame(frame))
+        if session_id in self._attached:  # (else it goes back to its outbox as it came, light)
+            frame = await self.whole_frame(frame)
+        self._send_notice(session_id, is_error, origin_id, task, frame)
 
     def _send_notice(self, session_id: str, is_error: bytes, origin_id: str, task: str, frame: bytes) -> None:
         if task in self._answered:
