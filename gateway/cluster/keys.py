@@ -21,7 +21,8 @@ key                    type     what
 =====================  =======  ===========================================================
 
 Channels (pub/sub, hints only: every reader also sweeps on a timer):
-``lu:gw:{id}`` tells gateway ``id`` that a task it submitted is done (``d UUID``);
+``lu:gw:{id}`` tells gateway ``id`` that a task it submitted is done (``d UUID``), unless
+the task's frame went to that gateway's delivery list, whose notice tells it;
 ``lu:work`` tells workers there is work.
 """
 

@@ -8,7 +8,10 @@ Any gateway can resume any session and any process can finish any task:
 - A session is a hash (owner key hash, owning gateway, cursor) and an *outbox* stream
   of its frames. Finishing a sync task appends its frame and pushes a notice of it (the
   frame itself) on the owning gateway's delivery list, on which that gateway blocks:
-  popping it is the hand-over, and the gateway sends the frame to its socket at once.
+  popping it is the hand-over, and the gateway sends the frame to its socket at once
+  (a frame whose image payload was too large to go through a script gets it back from
+  the image store first). A task's last notice also tells the gateway that queued it
+  that the task is done, when it went to that gateway (else a message does).
   Resuming on another gateway makes it the owner and replays what lies past the
   session's cursor with ``TAKE``, which skips the frames whose notices were popped
   already and takes back those still waiting, so each frame goes out once. A sweep
