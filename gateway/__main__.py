@@ -267,6 +267,13 @@ def _time_flags(parser) -> None:
     )
     _flag(g, "--session-ttl", type=float, default=120.0, help="seconds undelivered results wait for a resume")
     _flag(g, "--output-ttl", type=float, default=3600.0, help="default lifetime of stored images, seconds")
+    _flag(
+        g,
+        "--max-ttl",
+        type=float,
+        default=7 * 86400.0,
+        help="largest `ttl` a task may ask for its output, seconds (beyond: invalidTTL); default 7 days",
+    )
     _flag(g, "--record-ttl", type=float, default=3600.0, help="seconds getResponse remembers a finished task")
     _flag(g, "--shutdown-grace", type=float, default=30.0, help="seconds in-flight tasks get on SIGTERM")
 
@@ -444,6 +451,7 @@ _GATEWAY_FIELDS = (
     "rest_timeout",
     "session_ttl",
     "output_ttl",
+    "max_ttl",
     "record_ttl",
     "shutdown_grace",
     "allow_private_networks",

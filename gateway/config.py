@@ -65,6 +65,7 @@ class GatewayConfig:
     max_in_flight_per_connection: int = 64
     max_in_flight_per_key: int = 256
     max_steps: int = 100
+    max_ttl: float = 7 * 86400.0  # the largest `ttl` a task may ask for (images stay that long)
     max_input_bytes: int = 32 * 2**20  # a fetched URL input
     send_queue_frames: int = 256  # per connection; a reader slower than this is dropped
 

@@ -258,6 +258,13 @@ class Gateway:
                 parameter="settings.steps",
                 type="integer",
             )
+        if task.ttl is not None and task.ttl > self.config.max_ttl:
+            raise TaskError(
+                "invalidTTL",
+                f"ttl is {task.ttl} s; this server keeps outputs at most {self.config.max_ttl:g} s",
+                parameter="ttl",
+                type="integer",
+            )
         self._check_in_flight_limits(peer)
 
     def _check_in_flight_limits(self, peer: Peer) -> None:

@@ -136,6 +136,7 @@ TASK_ERRORS = [
     ({"outputQuality": 10}, "invalidOutputQuality", "outputQuality"),
     ({"deliveryMethod": "carrier-pigeon"}, "invalidDeliveryMethod", "deliveryMethod"),
     ({"ttl": 10}, "invalidTTL", "ttl"),
+    ({"ttl": 7 * 86400 + 1}, "invalidTTL", "ttl"),  # over --max-ttl
     ({"includeCost": "yes"}, "invalidIncludeCost", "includeCost"),
     ({"inputImage": "%%% not base64 %%%"}, "invalidInputImage", "inputImage"),
     ({"inputImage": str(uuid.uuid4())}, "invalidInputImage", "inputImage"),
@@ -168,6 +169,17 @@ async def test_task_errors(null_server, change, code, parameter):
         assert error["taskType"] == ("imageInference" if code == "unsupportedTaskType" else "imageUpscale")
         assert error.get("message")
         await assert_still_works(c)
+
+
+async def test_a_ttl_up_to_the_servers_limit_is_kept(null_server):
+    """``--max-ttl`` (7 days by default) bounds what a client may ask; up to it, the
+    output is kept that long."""
+    task = upscale_task(ttl=7 * 86400, outputType="URL")
+    async with client(null_server) as c:
+        item = (await c.run([task]))[task["taskUUID"]][-1]
+    assert item["status"] == "success", item
+    stored = await null_server.gateway.store.get(item["imageUUID"])
+    assert stored is not None and stored.expires_at - null_server.gateway.store.clock() > 7 * 86400 - 60
 
 
 async def test_a_frame_mixing_valid_and_invalid_tasks(null_server):
