@@ -117,7 +117,8 @@ def _plain_png_size(data: bytes) -> tuple[int, int] | None:
         length, kind = int.from_bytes(data[at : at + 4], "big"), data[at + 4 : at + 8]
         if kind == b"IDAT":
             width, height = int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
-            return (width, height) if width and height else None
+            bomb = Image.MAX_IMAGE_PIXELS and width * height > 2 * Image.MAX_IMAGE_PIXELS  # Pillow refuses it
+            return (width, height) if width and height and not bomb else None
         if kind == b"eXIf":
             return None
         at += 12 + length

@@ -9,6 +9,7 @@ Runware result item; a failure raises the :class:`TaskError` the task ends with.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import logging
 
@@ -121,20 +122,26 @@ class Completion:
         return item
 
 
-    async def restored(self, item: dict) -> dict:
-        """:meth:`with_payload`, never raising: when the image store cannot be read, the
-        item goes without its payload (its ``imageUUID`` still names the image)."""
-        try:
-            return await self.with_payload(item)
-        except Exception as exc:  # the store is away (Redis, S3): say so, deliver the rest
-            logger.warning("the image of %s could not be read back for its result: %s", item.get("taskUUID"), exc)
-            return {k: v for k, v in item.items() if k != "_payload"}
-
     async def whole_frame(self, frame: bytes) -> bytes:
-        """A success frame as sent: with its image payload, when it was kept without."""
+        """A success frame as sent: with its image payload, when it was kept without.
+        Raises what the image store raises when it cannot be read (the caller keeps the
+        frame for later)."""
         if PAYLOAD_MARK not in frame:
             return frame
-        return data_frame(*[await self.restored(item) for item in orjson.loads(frame)["data"]])
+        return data_frame(*[await self.with_payload(item) for item in orjson.loads(frame)["data"]])
+
+    async def whole_item(self, item: dict, tries: int = 3) -> dict | None:
+        """:meth:`with_payload`, tried again a few times while the store cannot be read;
+        None when it never could."""
+        for attempt in range(tries):
+            try:
+                return await self.with_payload(item)
+            except Exception as exc:  # the store is away (Redis, S3)
+                if attempt == tries - 1:
+                    logger.warning("the image of %s could not be read back: %s", item.get("taskUUID"), exc)
+                    return None
+                await asyncio.sleep(0.5 * 2**attempt)
+        return None
 
 
 def image_url(base_url: str, image: StoredImage) -> str:

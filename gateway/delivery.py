@@ -418,7 +418,11 @@ class Gateway:
 
     async def post_webhook(self, url: str, body: dict) -> bool:
         """POST a result item (retried per the outbound policy); False if it never got through."""
-        body = await self.completion.restored(body)  # (a cluster queues large payloads without)
+        whole = await self.completion.whole_item(body)  # (a cluster queues large payloads without)
+        if whole is None:
+            logger.warning("webhook for %s not posted: its image could not be read back", body.get("taskUUID"))
+            return False
+        body = whole
         try:
             await self.outbound.post_json(url, orjson.dumps(body))
         except OutboundError as exc:

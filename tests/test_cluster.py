@@ -252,6 +252,30 @@ async def test_a_killed_gateways_sessions_resume_elsewhere_and_webhooks_still_go
     assert b'"imageBase64Data"' in body and b"_payload" not in body
 
 
+async def test_a_large_result_that_finished_while_detached_is_replayed_whole(cluster):
+    """A frame kept without its image payload (over 64 KB) is whole again when a resume
+    replays it (``OPEN``'s ``TAKE``), not only when a gateway pops its notice."""
+    gw = cluster.gateway("gw")
+    w = cluster.worker("w")
+    await cluster.ready(gw, w)
+    task = upscale_task(data_uri(noise_png(160, 160)), settings={"steps": 8})
+    async with connected(gw.url) as c:
+        session = c.session
+        await c.send([task])
+    # The socket is gone (the session detached) before the task finishes.
+
+    async def finished() -> bool:
+        return (await w.stats())["engine"]["succeeded"] == 1
+
+    await wait_for(finished, timeout=120)
+    async with connected(gw.url, session) as c:
+        assert c.session == session
+        got = await c.collect({task["taskUUID"]}, timeout=30)
+        assert await c.quiet(0.5) == []
+    item = terminal(got[task["taskUUID"]])[0]
+    assert "_payload" not in item and pixels(item).shape == (320, 320, 3)
+
+
 async def _posted(local_http, task_uuid: str) -> bytes | None:
     bodies = [body for _, path, _, body in local_http.received if path == "/hook" and task_uuid.encode() in body]
     return bodies[0] if bodies else None

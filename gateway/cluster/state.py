@@ -54,6 +54,7 @@ SWEEP_EVERY = 1.0  # seconds between sweeps of attached sessions' outboxes
 TAKE_COUNT = 256  # frames handed out per TAKE
 MAX_REPLAY = 1024  # frames an outbox keeps (approximately: MAXLEN ~)
 ANSWERED_LOCALLY = 10_000  # tasks answered here while Redis could not be (remembered)
+PAYLOAD_MARGIN = 600.0  # seconds an image left out of a frame must outlive the session (see finish)
 
 
 def unavailable(message: str = "") -> TaskError:
@@ -143,6 +144,7 @@ class RedisState(GatewayState):
             await self._script("OPEN", [keys.session(session_id), keys.outbox(session_id)], args)
         session = Session(session_id, api_key)
         replay = [frame for frame, _, _ in await self._take(session_id)]
+        replay = [whole for whole in [await self._whole(session, frame) for frame in replay] if whole is not None]
         self._attached[session_id] = peer
         return session, replay
 
@@ -322,16 +324,25 @@ class RedisState(GatewayState):
         origin: Peer | None = None,
         webhook: str | None = None,
         image: StoredImage | None = None,
+        payload_ttl: float | None = None,
     ) -> bool:
         """(``image``: an output image to write in the same step, see ``Completion.outcome``.)
 
         A large image payload (over ``INLINE_IMAGE_BYTES``) is left out of the frame and
-        the webhook that go through ``FINISH``: Redis copies a script's arguments at about
-        4 us per KB (a 200 KB frame made ``FINISH`` take 0.8 ms of its one thread, and the
-        outbox kept another copy of the image); the gateway sending it, or posting the
-        webhook, reads the image back from the store (``Completion.whole_frame``)."""
+        the webhook that go through ``FINISH`` when the image outlives any replay of them
+        (``payload_ttl``, its lifetime, beyond the session TTL by ``PAYLOAD_MARGIN``):
+        Redis copies a script's arguments at about 4 us per KB (a 200 KB frame made
+        ``FINISH`` take 0.8 ms of its one thread, and the outbox kept another copy of the
+        image). The gateway sending the frame, or posting the webhook, reads the image
+        back from the store (``Completion.whole_frame``)."""
         light = without_payload(item)
-        heavy = light is not item and light is not None and len(item[light["_payload"]]) > INLINE_IMAGE_BYTES
+        heavy = (
+            light is not item
+            and light is not None
+            and len(item[light["_payload"]]) > INLINE_IMAGE_BYTES
+            and payload_ttl is not None
+            and payload_ttl >= self.session_ttl + PAYLOAD_MARGIN
+        )
         sent = light if heavy else item
         frame = b"" if record.deliver_async else data_frame(sent) if error is None else error_frame(error)
         whole = data_frame(item) if heavy and frame else frame  # (for an answer given here)
@@ -470,10 +481,26 @@ class RedisState(GatewayState):
             self._task_done(task)
 
     async def _send_whole(self, session_id: str, is_error: bytes, origin_id: str, task: str, frame: bytes) -> None:
-        assert self.whole_frame is not None
-        if session_id in self._attached:  # (else it goes back to its outbox as it came, light)
-            frame = await self.whole_frame(frame)
+        peer = self._attached.get(session_id)
+        if peer is not None:  # (else it goes back to its outbox as it came, light)
+            whole = await self._whole(Session(session_id, peer.api_key), frame)
+            if whole is None:
+                return  # kept for the next drain
+            frame = whole
         self._send_notice(session_id, is_error, origin_id, task, frame)
+
+    async def _whole(self, session: Session, frame: bytes) -> bytes | None:
+        """``frame`` with its image payload back when it was kept without (see
+        :meth:`finish`); None when the image store could not be read: then it went back
+        to the session's outbox, for the next drain (every second) to try again."""
+        if PAYLOAD_MARK not in frame or self.whole_frame is None:
+            return frame
+        try:
+            return await self.whole_frame(frame)
+        except Exception as exc:  # the store is away (Redis, S3)
+            logger.warning("a result for session %s waits for its image (%s)", session.session_id, exc)
+            self.keep(session, frame)
+            return None
 
     def _send_notice(self, session_id: str, is_error: bytes, origin_id: str, task: str, frame: bytes) -> None:
         if task in self._answered:
@@ -519,8 +546,9 @@ class RedisState(GatewayState):
                 for frame, is_error, origin in await self._take(session_id):
                     if is_error and not peer.replays_errors and origin != self._peer_id(peer):
                         continue  # see Peer.replays_errors: the record keeps it for getResponse
-                    if PAYLOAD_MARK in frame and self.whole_frame is not None:
-                        frame = await self.whole_frame(frame)
+                    frame = await self._whole(Session(session_id, peer.api_key), frame)
+                    if frame is None:
+                        continue
                     if not peer.send(frame):
                         self.keep(Session(session_id, peer.api_key), frame)
                 if not self._draining.get(session_id):

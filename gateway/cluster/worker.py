@@ -440,7 +440,11 @@ class Worker:
         try:
             while True:
                 try:
-                    if await self.state.finish(held.record, item=item, error=error, webhook=webhook, image=image):
+                    ttl = (held.task.ttl if held.task else None) or self.config.output_ttl
+                    finished = self.state.finish(
+                        held.record, item=item, error=error, webhook=webhook, image=image, payload_ttl=ttl
+                    )
+                    if await finished:
                         self._ended(held, error)
                     return
                 except ClusterUnavailable as exc:
