@@ -56,7 +56,7 @@ class Completion:
         outcome (one round trip to Redis instead of two)."""
         if isinstance(output, EngineError):
             raise engine_error(output, task.image_field)
-        media_type, ttl = output.output_format.media_type, task.ttl or self.output_ttl
+        media_type, ttl = output.output_format.media_type, self.ttl_of(task)
         if unsaved is None:
             stored = await self.store.put(output.image, media_type, ttl)
         else:
@@ -66,6 +66,10 @@ class Completion:
             await self._upload(task, output, stored)
         url = await self.url(base_url, stored) if task.outputType == "URL" else ""
         return self._item(task, output, stored, input_uuid, url)
+
+    def ttl_of(self, task: Upscale) -> float:
+        """How long ``task``'s output image is kept (seconds): its ``ttl``, or the default."""
+        return task.ttl or self.output_ttl
 
     async def url(self, base_url: str, stored: StoredImage) -> str:
         """An image's ``imageURL``: the gateway's ``/images/…`` (``base_url``: the gateway
@@ -121,7 +125,6 @@ class Completion:
             )
         return item
 
-
     async def whole_frame(self, frame: bytes) -> bytes:
         """A success frame as sent: with its image payload, when it was kept without.
         Raises what the image store raises when it cannot be read (the caller keeps the
@@ -134,13 +137,13 @@ class Completion:
         """:meth:`with_payload`, tried again a few times while the store cannot be read;
         None when it never could."""
         for attempt in range(tries):
+            if attempt:
+                await asyncio.sleep(0.5 * 2 ** (attempt - 1))
             try:
                 return await self.with_payload(item)
             except Exception as exc:  # the store is away (Redis, S3)
-                if attempt == tries - 1:
-                    logger.warning("the image of %s could not be read back: %s", item.get("taskUUID"), exc)
-                    return None
-                await asyncio.sleep(0.5 * 2**attempt)
+                error = exc
+        logger.warning("the image of %s could not be read back: %s", item.get("taskUUID"), error)
         return None
 
 

@@ -143,8 +143,11 @@ class RedisState(GatewayState):
             args = [owner, self.member_id, ttl_ms, "create"]
             await self._script("OPEN", [keys.session(session_id), keys.outbox(session_id)], args)
         session = Session(session_id, api_key)
-        replay = [frame for frame, _, _ in await self._take(session_id)]
-        replay = [whole for whole in [await self._whole(session, frame) for frame in replay] if whole is not None]
+        replay = []
+        for frame, _, _ in await self._take(session_id):
+            whole = await self._whole(session, frame)  # (None: kept for the next drain)
+            if whole is not None:
+                replay.append(whole)
         self._attached[session_id] = peer
         return session, replay
 
@@ -337,8 +340,7 @@ class RedisState(GatewayState):
         back from the store (``Completion.whole_frame``)."""
         light = without_payload(item)
         heavy = (
-            light is not item
-            and light is not None
+            light is not item  # (a success item with an image payload)
             and len(item[light["_payload"]]) > INLINE_IMAGE_BYTES
             and payload_ttl is not None
             and payload_ttl >= self.session_ttl + PAYLOAD_MARGIN
@@ -473,7 +475,7 @@ class RedisState(GatewayState):
     def _deliver(self, notice: bytes) -> None:
         sid, _, kind, origin, task_uuid, frame = notice.split(b"\n", 5)
         task = task_uuid.decode()
-        if PAYLOAD_MARK in frame and self.whole_frame is not None:  # its image is read back first
+        if PAYLOAD_MARK in frame:  # its image is read back first
             self._spawn(self._send_whole(sid.decode(), kind, origin.decode(), task, frame))
         else:
             self._send_notice(sid.decode(), kind, origin.decode(), task, frame)
@@ -543,14 +545,15 @@ class RedisState(GatewayState):
                 peer = self._attached.get(session_id)
                 if peer is None:
                     return
+                session = Session(session_id, peer.api_key)
                 for frame, is_error, origin in await self._take(session_id):
                     if is_error and not peer.replays_errors and origin != self._peer_id(peer):
                         continue  # see Peer.replays_errors: the record keeps it for getResponse
-                    frame = await self._whole(Session(session_id, peer.api_key), frame)
+                    frame = await self._whole(session, frame)
                     if frame is None:
                         continue
                     if not peer.send(frame):
-                        self.keep(Session(session_id, peer.api_key), frame)
+                        self.keep(session, frame)
                 if not self._draining.get(session_id):
                     return
                 self._draining[session_id] = False

@@ -436,11 +436,11 @@ class Worker:
         ``image`` (the output) is written in the same step."""
         assert held.record is not None
         webhook = held.task.webhookURL if held.task else None
+        ttl = self.completion.ttl_of(held.task) if held.task else None
         delay = 0.2
         try:
             while True:
                 try:
-                    ttl = (held.task.ttl if held.task else None) or self.config.output_ttl
                     finished = self.state.finish(
                         held.record, item=item, error=error, webhook=webhook, image=image, payload_ttl=ttl
                     )
